@@ -1,0 +1,73 @@
+"""Gated apply and exact restore of one seeded perturbation, in place on the live bytes.
+
+Gating: where code + delta would leave the format's range the code is left
+alone, and its bit is set in ``gated`` (one bit per trainable code) so that
+restore knows not to undo it.  Restore regenerates the same stream and
+subtracts; afterwards the bytes are exactly the original ones and ``gated``
+is all zero again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .codes import BLOCK_BYTES, BLOCK_ELEMS, CODE_HI, CODE_LO, read_code, write_code
+from .noise import CHUNK, draw_delta, draw_gap, stream_start
+
+
+@njit(parallel=True, cache=True)
+def perturb_codes(buf, layout, tensor_keys, tensor_info, chunks, seed, gap_tail, guide, magnitude_tail,
+                  gated, restore):
+    """Apply (``restore=False``) or undo (``restore=True``) the perturbation of ``seed``.
+
+    Returns the number of codes changed.  ``tensor_info[t]`` = (byte offset,
+    format index, global index of the tensor's first code); ``chunks[c]`` =
+    (tensor, first element, end element).
+    """
+    changed = np.zeros(chunks.shape[0], dtype=np.int64)
+    for c in prange(chunks.shape[0]):
+        changed[c] = perturb_chunk(buf, layout, tensor_keys, tensor_info, chunks[c], seed, gap_tail, guide,
+                                   magnitude_tail, gated, restore)
+    return changed.sum()
+
+
+@njit(cache=True)
+def perturb_chunk(buf, layout, tensor_keys, tensor_info, chunk, seed, gap_tail, guide, magnitude_tail,
+                  gated, restore):
+    params = layout[4]
+    t, start, end = chunk[0], chunk[1], chunk[2]
+    offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
+    block_elems, block_bytes = params[f, BLOCK_ELEMS], params[f, BLOCK_BYTES]
+    lo, hi = params[f, CODE_LO], params[f, CODE_HI]
+    seed_abs = seed if seed > 0 else -seed
+    sign = np.int64(1) if seed > 0 else np.int64(-1)
+    state = stream_start(seed_abs, tensor_keys[t], start // CHUNK)
+    element = start
+    n = 0
+    while True:
+        state, gap = draw_gap(state, gap_tail, guide)
+        element += gap
+        if element >= end:
+            break
+        state, delta = draw_delta(state, magnitude_tail, sign)
+        block = element // block_elems
+        j = element - block * block_elems
+        base = offset + block * block_bytes
+        index = code_base + element
+        bit = np.uint8(1 << (index & 7))
+        if restore:
+            if gated[index >> 3] & bit:
+                gated[index >> 3] &= ~bit
+            else:
+                write_code(buf, base, j, f, layout, read_code(buf, base, j, f, layout) - delta)
+                n += 1
+        else:
+            moved = read_code(buf, base, j, f, layout) + delta
+            if lo <= moved <= hi:
+                write_code(buf, base, j, f, layout, moved)
+                n += 1
+            else:
+                gated[index >> 3] |= bit
+        element += 1
+    return n

@@ -1,0 +1,92 @@
+"""The trainable codes of a model as one space the kernels walk: tensors, chunks, layouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..formats import QuantFormat, format_of
+from .codes import layout_tables
+from .noise import CHUNK, NoiseTable, tensor_key
+from .perturb import perturb_codes
+from .update import es_update, to_fixed
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one trainable tensor's blocks are in the buffer."""
+
+    name: str
+    ggml_type: int
+    offset: int  # byte offset of the tensor data in the buffer
+    n_elements: int
+
+
+class CodeSpace:
+    """All trainable codes in ``buf`` (the working copy's memory map, or any uint8 array).
+
+    Codes are numbered globally in tensor order; that numbering indexes the
+    residual and the gating bitmap.  Streams are keyed by tensor *name*, so
+    a tensor's perturbations do not depend on which other tensors train.
+    """
+
+    def __init__(self, buf: np.ndarray, tensors: list[TensorSlot], sigma: float):
+        self.buf = buf
+        self.tensors = list(tensors)
+        self.noise = NoiseTable.for_sigma(sigma)
+        formats: list[QuantFormat] = []
+        info = np.zeros((len(self.tensors), 3), dtype=np.int64)
+        chunk_rows, code_base = [], 0
+        for t, slot in enumerate(self.tensors):
+            fmt = format_of(slot.ggml_type)
+            if fmt is None:
+                raise ValueError(f"{slot.name}: type {slot.ggml_type} has no trainable codes")
+            if slot.n_elements % fmt.block_elems:
+                raise ValueError(f"{slot.name}: {slot.n_elements} elements is not whole {fmt.name} blocks")
+            if fmt not in formats:
+                formats.append(fmt)
+            info[t] = (slot.offset, formats.index(fmt), code_base)
+            chunk_rows += [(t, s, min(s + CHUNK, slot.n_elements)) for s in range(0, slot.n_elements, CHUNK)]
+            code_base += slot.n_elements
+        self.formats = formats
+        self.n_codes = code_base
+        self.layout = layout_tables(formats) if formats else None
+        self.tensor_keys = np.array([tensor_key(s.name) for s in self.tensors], dtype=np.uint64)
+        self.tensor_info = info
+        self.chunks = np.array(chunk_rows, dtype=np.int64).reshape(-1, 3)
+        self.gated = np.zeros((self.n_codes + 7) // 8, dtype=np.uint8)
+
+    def _noise_args(self):
+        n = self.noise
+        return n.gap_tail, n.guide, n.magnitude_tail
+
+    def perturb(self, seed: int) -> int:
+        """Add the perturbation of ``seed`` (gated at the code range); returns codes changed."""
+        return int(perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
+                                 np.int64(seed), *self._noise_args(), self.gated, False))
+
+    def restore(self, seed: int) -> int:
+        """Undo :meth:`perturb` of the same seed, giving back the exact original bytes."""
+        return int(perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
+                                 np.int64(seed), *self._noise_args(), self.gated, True))
+
+    def update(self, seeds: np.ndarray, weights: np.ndarray, gamma: float, feedback: bool,
+               residual: np.ndarray | None) -> tuple[int, int]:
+        """One ES update (see :mod:`qes_edge.kernels.update`); returns (codes stepped, steps blocked).
+
+        ``seeds``/``weights``: int64 [rows, pairs]; the last row is this
+        iteration, earlier rows are replayed to rebuild the residual.
+        ``residual``: the stored residual (int16 per code) or None to start from zero.
+        """
+        seeds = np.ascontiguousarray(seeds, dtype=np.int64).reshape(-1, np.shape(seeds)[-1])
+        weights = np.ascontiguousarray(weights, dtype=np.int64).reshape(seeds.shape)
+        stored = residual is not None
+        if not stored:
+            residual = np.zeros(1, dtype=np.int16)
+        elif residual.shape != (self.n_codes,):
+            raise ValueError(f"residual has {residual.shape} codes, the model has {self.n_codes}")
+        stepped, blocked = es_update(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
+                                     seeds, weights, np.int64(to_fixed(gamma)), feedback, residual, stored,
+                                     *self._noise_args())
+        return int(stepped), int(blocked)

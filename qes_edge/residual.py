@@ -1,0 +1,137 @@
+"""Where the error-feedback residual lives between iterations, behind one interface.
+
+- :class:`SidecarResidual`: one int16 per trainable code (2**-15 code steps)
+  in a memory-mapped file in the run directory, with a header that ties it to
+  its base model and says how many updates it holds.
+- :class:`ReplayResidual`: stateless; the residual is rebuilt from zero by
+  replaying the last ``window`` iterations' (seeds, weights).  Because the
+  residual never depends on the codes (see :mod:`qes_edge.kernels.update`),
+  a window that covers the whole run gives exactly the sidecar's residual.
+- :class:`NoResidual`: the paper's control, plain round(alpha * g).
+
+Each store's ``update(space, history, gamma)`` takes the whole history of
+(seeds, weights) rows, oldest first, the last row being this iteration.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QesError
+from .kernels import FRACTION_BITS, CodeSpace
+
+SIDECAR_MAGIC = b"QESRESID"
+SIDECAR_VERSION = 1
+_HEADER = struct.Struct("<8sIIQqI32s")  # magic, version, fraction bits, codes, updates held, busy, fingerprint
+HEADER_BYTES = 128
+
+
+class NoResidual:
+    """No error feedback: each step is round(alpha * g) and the remainder is lost."""
+
+    kind = "none"
+
+    def update(self, space: CodeSpace, history: list, gamma: float) -> tuple[int, int]:
+        seeds, weights = history[-1]
+        return space.update(seeds[None], weights[None], gamma, feedback=False, residual=None)
+
+    def close(self) -> None:
+        pass
+
+
+class ReplayResidual:
+    """Rebuild the residual from the last ``window`` iterations' seeds and weights."""
+
+    kind = "replay"
+
+    def __init__(self, window: int = 50):
+        if window < 0:
+            raise QesError(f"--window must be >= 0, got {window}")
+        self.window = window
+
+    def update(self, space: CodeSpace, history: list, gamma: float) -> tuple[int, int]:
+        rows = history[-(self.window + 1):]
+        seeds = np.stack([s for s, _ in rows])
+        weights = np.stack([w for _, w in rows])
+        return space.update(seeds, weights, gamma, feedback=True, residual=None)
+
+    def close(self) -> None:
+        pass
+
+
+class SidecarResidual:
+    """The residual as a memory-mapped int16 file beside the run (not in RAM)."""
+
+    kind = "sidecar"
+
+    def __init__(self, path: Path, fingerprint: str, n_codes: int):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.n_codes = n_codes
+        if not self.path.exists():
+            self._create()
+        self._check_header()
+        self.values = np.memmap(self.path, dtype=np.int16, mode="r+", offset=HEADER_BYTES, shape=(n_codes,))
+
+    def _create(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(self._header(updates=0, busy=False))
+            f.truncate(HEADER_BYTES + 2 * self.n_codes)  # sparse zeros: no RAM, no writes
+        tmp.replace(self.path)
+
+    def _header(self, updates: int, busy: bool) -> bytes:
+        fields = _HEADER.pack(SIDECAR_MAGIC, SIDECAR_VERSION, FRACTION_BITS, self.n_codes, updates, int(busy),
+                              bytes.fromhex(self.fingerprint))
+        return fields.ljust(HEADER_BYTES, b"\0")
+
+    def _read_header(self) -> tuple:
+        with open(self.path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        if len(raw) < HEADER_BYTES or raw[:8] != SIDECAR_MAGIC:
+            raise QesError(f"{self.path}: not a qes-edge residual sidecar")
+        return _HEADER.unpack(raw[:_HEADER.size])
+
+    def _check_header(self) -> None:
+        _, version, bits, codes, _, _, fingerprint = self._read_header()
+        if version != SIDECAR_VERSION or bits != FRACTION_BITS:
+            raise QesError(f"{self.path}: residual sidecar version {version}/{bits} bits, "
+                           f"this qes-edge writes {SIDECAR_VERSION}/{FRACTION_BITS}")
+        if fingerprint.hex() != self.fingerprint or codes != self.n_codes:
+            raise QesError(f"{self.path}: residual sidecar belongs to a different base model")
+        if self.path.stat().st_size != HEADER_BYTES + 2 * self.n_codes:
+            raise QesError(f"{self.path}: residual sidecar is truncated")
+
+    @property
+    def updates(self) -> int | None:
+        """How many updates the stored residual holds, or None if one was cut off half way."""
+        _, _, _, _, updates, busy, _ = self._read_header()
+        return None if busy else updates
+
+    def _mark(self, updates: int, busy: bool) -> None:
+        with open(self.path, "r+b") as f:
+            f.write(self._header(updates, busy))
+
+    def update(self, space: CodeSpace, history: list, gamma: float) -> tuple[int, int]:
+        seeds, weights = history[-1]
+        held = self.updates
+        if held is None or held != len(history) - 1:
+            raise QesError(f"{self.path}: residual holds {held} updates, expected {len(history) - 1}")
+        self._mark(held, busy=True)
+        result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.values)
+        self.values.flush()
+        self._mark(held + 1, busy=False)
+        return result
+
+    def reset(self) -> None:
+        """Zero the residual (used when a run is rebuilt from its history)."""
+        self.values[:] = 0
+        self.values.flush()
+        self._mark(0, busy=False)
+
+    def close(self) -> None:
+        self.values.flush()
+        del self.values

@@ -1,0 +1,233 @@
+"""The QES kernels on real quant blocks: perturb/restore, sampling, and the update vs a dense reference."""
+
+import numpy as np
+import pytest
+
+from blocks import ALL, random_blocks
+from qes_edge.formats import FORMATS
+from qes_edge.kernels import CodeSpace, NoiseTable, TensorSlot, sample_tensor, tensor_key
+from qes_edge.residual import NoResidual, ReplayResidual, SidecarResidual
+
+
+def make_space(qtypes, sigma, seed=0, edge_fraction=0.3):
+    """A buffer holding one tensor per quant type, with many codes pushed to the range's edges."""
+    rng = np.random.default_rng(seed)
+    parts, slots, offset = [], [], 16  # a non-zero start, like tensor data inside a GGUF
+    for i, qtype in enumerate(qtypes):
+        fmt = FORMATS[qtype]
+        n_blocks = 10240 // fmt.block_elems  # 10240 elements: more than one 8192-element chunk
+        raw = random_blocks(qtype, n_blocks, rng)
+        codes = fmt.read_codes(raw)
+        edge = rng.random(codes.size) < edge_fraction
+        codes[edge] = np.where(rng.random(edge.sum()) < 0.5, fmt.code_lo, fmt.code_hi)
+        fmt.write_codes(raw, codes)
+        parts.append(raw)
+        slots.append(TensorSlot(f"blk.{i}.{fmt.name}", int(qtype), offset, codes.size))
+        offset += raw.size
+    buf = np.concatenate([np.zeros(16, np.uint8)] + parts)
+    return CodeSpace(buf, slots, sigma)
+
+
+def codes_of(space):
+    out = []
+    for slot in space.tensors:
+        fmt = FORMATS[slot.ggml_type]
+        n_bytes = slot.n_elements // fmt.block_elems * fmt.block_bytes
+        out.append(fmt.read_codes(space.buf[slot.offset:slot.offset + n_bytes]))
+    return out
+
+
+def deltas_of(space, seed):
+    """Dense delta per tensor from the reference sampler."""
+    n = space.noise
+    out = []
+    for slot in space.tensors:
+        positions, deltas = sample_tensor(seed, tensor_key(slot.name), slot.n_elements,
+                                          n.gap_tail, n.guide, n.magnitude_tail)
+        dense = np.zeros(slot.n_elements, dtype=np.int64)
+        dense[positions] = deltas
+        out.append(dense)
+    return out
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.4, 1.5])
+def test_perturb_restore_is_byte_identical_for_every_format(sigma):
+    space = make_space(ALL, sigma)
+    original = space.buf.copy()
+    for seed in [1, 2, -2, 12345]:
+        before = codes_of(space)
+        changed = space.perturb(seed)
+        assert changed > 0 and not np.array_equal(space.buf, original)
+        for slot, codes, after, delta in zip(space.tensors, before, codes_of(space), deltas_of(space, seed)):
+            fmt = FORMATS[slot.ggml_type]
+            moved = codes + delta
+            inside = (moved >= fmt.code_lo) & (moved <= fmt.code_hi)
+            assert np.array_equal(after, np.where(inside, moved, codes))  # gated where it would leave
+            assert after.min() >= fmt.code_lo and after.max() <= fmt.code_hi
+        assert space.restore(seed) == changed
+        assert np.array_equal(space.buf, original)
+        assert not space.gated.any()
+
+
+def test_perturbation_only_touches_code_bits():
+    space = make_space(ALL, 0.5)
+    original = space.buf.copy()
+    space.perturb(99)
+    for slot, codes in zip(space.tensors, codes_of(space)):
+        fmt = FORMATS[slot.ggml_type]
+        n_bytes = slot.n_elements // fmt.block_elems * fmt.block_bytes
+        expect = original[slot.offset:slot.offset + n_bytes].copy()
+        fmt.write_codes(expect, codes)  # the original bytes with only the codes replaced
+        assert np.array_equal(space.buf[slot.offset:slot.offset + n_bytes], expect)
+    assert np.array_equal(space.buf[:16], original[:16])
+
+
+def test_same_seed_same_bytes_and_different_seeds_different_positions():
+    a, b = make_space(ALL, 0.05), make_space(ALL, 0.05)
+    a.perturb(7)
+    b.perturb(7)
+    assert np.array_equal(a.buf, b.buf)
+    n = a.noise
+    key = tensor_key("blk.0.Q8_0")
+    p7, _ = sample_tensor(7, key, 100_000, n.gap_tail, n.guide, n.magnitude_tail)
+    p8, _ = sample_tensor(8, key, 100_000, n.gap_tail, n.guide, n.magnitude_tail)
+    other, _ = sample_tensor(7, tensor_key("blk.1.Q4_0"), 100_000, n.gap_tail, n.guide, n.magnitude_tail)
+    assert not np.array_equal(p7, p8) and not np.array_equal(p7, other)
+    assert len(np.intersect1d(p7, p8)) < 0.1 * len(p7)
+
+
+def test_mirrored_seed_gives_the_negated_perturbation():
+    n = NoiseTable.for_sigma(0.3)
+    key = tensor_key("blk.3.ffn_up.weight")
+    pos, delta = sample_tensor(31, key, 50_000, n.gap_tail, n.guide, n.magnitude_tail)
+    pos_m, delta_m = sample_tensor(-31, key, 50_000, n.gap_tail, n.guide, n.magnitude_tail)
+    assert np.array_equal(pos, pos_m) and np.array_equal(delta, -delta_m)
+
+
+@pytest.mark.parametrize("sigma", [0.001, 0.01, 0.1, 0.8])
+def test_sampled_deltas_follow_stochastic_rounding_of_a_normal(sigma):
+    """Counts of each delta value match stochastic_round(sigma * eps) drawn densely, within 5 SE."""
+    n = NoiseTable.for_sigma(sigma)
+    size = 4_000_000
+    _, deltas = sample_tensor(5, tensor_key("t"), size, n.gap_tail, n.guide, n.magnitude_tail)
+    rng = np.random.default_rng(0)
+    x = sigma * rng.standard_normal(size)
+    dense = np.floor(x) + (rng.random(size) < x - np.floor(x))
+    for value in range(-3, 4):
+        if value == 0:
+            continue
+        got, want = np.sum(deltas == value), np.sum(dense == value)
+        tolerance = 5 * np.sqrt(want + got + 1) + 1
+        assert abs(got - want) <= tolerance, (value, got, want)
+    assert abs(n.density - np.mean(dense != 0)) < 5 * np.sqrt(n.density / size) + 1e-6
+
+
+def test_noise_tables_are_integer_and_reproducible():
+    a, b = NoiseTable.for_sigma(0.01), NoiseTable.for_sigma(0.01)
+    assert a.gap_tail.dtype == np.uint64 and np.array_equal(a.gap_tail, b.gap_tail)
+    assert np.array_equal(a.guide, b.guide) and np.array_equal(a.magnitude_tail, b.magnitude_tail)
+    assert a.density == pytest.approx(0.01 * np.sqrt(2 / np.pi), rel=1e-9)
+
+
+# ---- the update against a plain dense numpy reference ------------------------------------------
+
+ONE, HALF = 1 << 15, 1 << 14
+
+
+def reference_update(codes, ranges, history, deltas, gamma_fx, feedback, window):
+    """Dense numpy version of the update: rebuild e over the window, then step the codes."""
+    codes = [c.copy() for c in codes]
+    t = len(history) - 1
+    rows = range(max(0, t - window), t + 1) if feedback else [t]
+    errors = [np.zeros_like(c) for c in codes]
+    for h in rows:
+        seeds, weights = history[h]
+        for k, (c, e, (lo, hi)) in enumerate(zip(codes, errors, ranges)):
+            g = sum(w * deltas[s][k] for s, w in zip(seeds, weights))
+            u = g + ((gamma_fx * e + HALF) >> 15) if feedback else g
+            step = (u + HALF) >> 15
+            e[:] = u - step * ONE if feedback else 0
+            if h == t:
+                moved = c + step
+                ok = (moved >= lo) & (moved <= hi)
+                c[ok] = moved[ok]
+    return codes, errors
+
+
+def random_history(rng, iterations, pairs):
+    return [(rng.integers(1, 2**62, size=pairs, dtype=np.int64), rng.integers(-30000, 30000, size=pairs))
+            for _ in range(iterations)]
+
+
+@pytest.mark.parametrize("store", ["sidecar", "replay", "replay-window-2", "none"])
+def test_update_equals_dense_reference(store, tmp_path):
+    space = make_space(ALL, 0.2, seed=3)
+    ranges = [(FORMATS[s.ggml_type].code_lo, FORMATS[s.ggml_type].code_hi) for s in space.tensors]
+    rng = np.random.default_rng(11)
+    history = random_history(rng, 6, 4)
+    deltas = {s: deltas_of(space, s) for seeds, _ in history for s in seeds}
+    window = {"sidecar": 10**9, "replay": 50, "replay-window-2": 2, "none": 0}[store]
+    residual = {
+        "sidecar": lambda: SidecarResidual(tmp_path / "residual.bin", "ab" * 32, space.n_codes),
+        "replay": lambda: ReplayResidual(50),
+        "replay-window-2": lambda: ReplayResidual(2),
+        "none": NoResidual,
+    }[store]()
+    for t in range(len(history)):
+        expected, errors = reference_update(codes_of(space), ranges, history[:t + 1], deltas, 29491,
+                                            store != "none", window)
+        residual.update(space, history[:t + 1], gamma=0.9)
+        for got, want in zip(codes_of(space), expected):
+            assert np.array_equal(got, want)
+        if store == "sidecar":
+            assert np.array_equal(np.asarray(residual.values), np.concatenate(errors))
+    residual.close()
+
+
+def test_replay_and_sidecar_agree_when_the_window_covers_the_run(tmp_path):
+    a, b = make_space(ALL, 0.1, seed=5), make_space(ALL, 0.1, seed=5)
+    sidecar = SidecarResidual(tmp_path / "r.bin", "cd" * 32, a.n_codes)
+    replay = ReplayResidual(window=8)
+    history = random_history(np.random.default_rng(2), 8, 6)
+    stepped = 0
+    for t in range(len(history)):
+        stepped += sidecar.update(a, history[:t + 1], 0.9)[0]
+        replay.update(b, history[:t + 1], 0.9)
+        assert np.array_equal(a.buf, b.buf)
+    assert stepped > 0
+
+
+def test_error_feedback_moves_codes_that_plain_rounding_cannot(tmp_path):
+    """A steady push of 0.3 steps: plain rounding never moves a code, the residual moves it 3 times in 10."""
+    q8 = [FORMATS_BY_NAME["Q8_0"]]
+    base = make_space(q8, 0.05, edge_fraction=0.0)
+    space, plain = make_space(q8, 0.05, edge_fraction=0.0), make_space(q8, 0.05, edge_fraction=0.0)
+    history = [(np.array([77], dtype=np.int64), np.array([int(0.3 * ONE)]))] * 10
+    sidecar = SidecarResidual(tmp_path / "r.bin", "00" * 32, space.n_codes)
+    for t in range(len(history)):
+        sidecar.update(space, history[:t + 1], gamma=1.0)
+        NoResidual().update(plain, history[:t + 1], gamma=1.0)
+    assert np.array_equal(plain.buf, base.buf)
+    start = codes_of(base)[0]
+    drift = codes_of(space)[0] - start
+    delta = deltas_of(space, 77)[0]
+    free = (start > -125) & (start < 125)  # away from the edges, where steps are blocked
+    assert np.all(drift[free & (delta == 1)] == 3) and np.all(drift[free & (delta == -1)] == -3)
+    assert np.all(drift[delta == 0] == 0) and (free & (delta != 0)).sum() > 100
+
+
+def test_sidecar_refuses_another_model_and_a_truncated_file(tmp_path):
+    from qes_edge.errors import QesError
+
+    path = tmp_path / "r.bin"
+    SidecarResidual(path, "11" * 32, 1024).close()
+    with pytest.raises(QesError, match="different base model"):
+        SidecarResidual(path, "22" * 32, 1024)
+    with pytest.raises(QesError, match="different base model"):
+        SidecarResidual(path, "11" * 32, 2048)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(QesError, match="truncated"):
+        SidecarResidual(path, "11" * 32, 1024)
+
+
+FORMATS_BY_NAME = {f.name: f.ggml_type for f in FORMATS.values()}
