@@ -11,7 +11,7 @@ from numba import njit
 from ..formats import FORMATS, QuantFormat
 
 # Columns of the per-format parameter table.
-LOW_BITS, HIGH_BITS, SIGNED, BLOCK_ELEMS, BLOCK_BYTES, CODE_LO, CODE_HI = range(7)
+LOW_BITS, HIGH_BITS, SIGNED, BLOCK_SHIFT, BLOCK_BYTES, CODE_LO, CODE_HI = range(7)
 
 
 def layout_tables(formats: list[QuantFormat]) -> tuple:
@@ -26,11 +26,21 @@ def layout_tables(formats: list[QuantFormat]) -> tuple:
         n = f.block_elems
         low_byte[i, :n], low_shift[i, :n] = f.low_byte, f.low_shift
         high_byte[i, :n], high_shift[i, :n] = f.high_byte, f.high_shift
-        params[i] = (f.low_bits, f.high_bits, int(f.signed), n, f.block_bytes, f.code_lo, f.code_hi)
+        if n & (n - 1):
+            raise ValueError(f"{f.name}: block of {n} elements is not a power of two")
+        params[i] = (f.low_bits, f.high_bits, int(f.signed), n.bit_length() - 1, f.block_bytes, f.code_lo, f.code_hi)
     return low_byte, low_shift, high_byte, high_shift, params
 
 
 ALL_FORMATS = list(FORMATS.values())
+
+
+@njit(inline="always")
+def code_address(element, f, params, offset):
+    """(byte offset of the element's block, index of the element in its block)."""
+    shift = params[f, BLOCK_SHIFT]
+    block = element >> shift
+    return offset + block * params[f, BLOCK_BYTES], element - (block << shift)
 
 
 @njit(inline="always")

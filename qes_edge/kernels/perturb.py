@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .codes import BLOCK_BYTES, BLOCK_ELEMS, CODE_HI, CODE_LO, read_code, write_code
+from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
 from .noise import CHUNK, draw_delta, draw_gap, stream_start
 
 
@@ -38,22 +38,29 @@ def perturb_chunk(buf, layout, tensor_keys, tensor_info, chunk, seed, gap_tail, 
     params = layout[4]
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
-    block_elems, block_bytes = params[f, BLOCK_ELEMS], params[f, BLOCK_BYTES]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
     seed_abs = seed if seed > 0 else -seed
     sign = np.int64(1) if seed > 0 else np.int64(-1)
+    # Draw the chunk's deltas first, then touch memory: independent loads overlap.
+    elements = np.empty(end - start, dtype=np.int64)
+    deltas = np.empty(end - start, dtype=np.int64)
+    count = 0
     state = stream_start(seed_abs, tensor_keys[t], start // CHUNK)
     element = start
-    n = 0
     while True:
         state, gap = draw_gap(state, gap_tail, guide)
         element += gap
         if element >= end:
             break
         state, delta = draw_delta(state, magnitude_tail, sign)
-        block = element // block_elems
-        j = element - block * block_elems
-        base = offset + block * block_bytes
+        elements[count] = element
+        deltas[count] = delta
+        count += 1
+        element += 1
+    n = 0
+    for k in range(count):
+        element, delta = elements[k], deltas[k]
+        base, j = code_address(element, f, params, offset)
         index = code_base + element
         bit = np.uint8(1 << (index & 7))
         if restore:
@@ -69,5 +76,4 @@ def perturb_chunk(buf, layout, tensor_keys, tensor_info, chunk, seed, gap_tail, 
                 n += 1
             else:
                 gated[index >> 3] |= bit
-        element += 1
     return n

@@ -81,6 +81,8 @@ class CodeSpace:
         """
         seeds = np.ascontiguousarray(seeds, dtype=np.int64).reshape(-1, np.shape(seeds)[-1])
         weights = np.ascontiguousarray(weights, dtype=np.int64).reshape(seeds.shape)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"decay gamma must be in [0, 1], got {gamma}")
         stored = residual is not None
         if not stored:
             residual = np.zeros(1, dtype=np.int16)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .codes import BLOCK_BYTES, BLOCK_ELEMS, CODE_HI, CODE_LO, read_code, write_code
+from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
 from .noise import CHUNK, draw_delta, draw_gap, stream_start
 
 FRACTION_BITS = 15
@@ -52,27 +52,44 @@ def es_update(buf, layout, tensor_keys, tensor_info, chunks, seeds, weights, gam
     return counts[:, 0].sum(), counts[:, 1].sum()
 
 
+@njit(inline="always")
+def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, magnitude_tail):
+    """gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk.
+
+    ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
+    """
+    seed_abs = seed if seed > 0 else -seed
+    sign = np.int64(1) if seed > 0 else np.int64(-1)
+    state = stream_start(seed_abs, key, start // CHUNK)
+    element = start
+    while True:
+        state, gap = draw_gap(state, gap_tail, guide)
+        element += gap
+        if element >= end:
+            break
+        state, delta = draw_delta(state, magnitude_tail, sign)
+        k = slot[element - start]
+        if k >= 0:
+            gradient[k] += weight * delta
+        element += 1
+
+
 @njit(cache=True)
-def chunk_gradient(gradient, key, start, end, seeds_row, weights_row, gap_tail, guide, magnitude_tail):
-    """gradient[i] = sum_p w_p * delta_p[start + i] over this chunk's streams."""
+def row_gradient(gradient, slot, key, start, end, seeds_row, weights_row, gap_tail, guide, magnitude_tail):
+    """One iteration's g = sum_p w_p * delta_p, gathered through ``slot``."""
     gradient[:] = 0
     for p in range(seeds_row.shape[0]):
-        seed = seeds_row[p]
-        weight = weights_row[p]
-        if weight == 0:
-            continue
-        seed_abs = seed if seed > 0 else -seed
-        sign = np.int64(1) if seed > 0 else np.int64(-1)
-        state = stream_start(seed_abs, key, start // CHUNK)
-        element = start
-        while True:
-            state, gap = draw_gap(state, gap_tail, guide)
-            element += gap
-            if element >= end:
-                break
-            state, delta = draw_delta(state, magnitude_tail, sign)
-            gradient[element - start] += weight * delta
-            element += 1
+        if weights_row[p] != 0:
+            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], gap_tail, guide,
+                       magnitude_tail)
+
+
+@njit(inline="always")
+def feedback_step(u, error, gamma_fx):
+    """u + round(gamma * e), then (whole step, new residual)."""
+    u += (gamma_fx * error + HALF) >> FRACTION_BITS
+    step = (u + HALF) >> FRACTION_BITS
+    return step, u - (step << FRACTION_BITS)
 
 
 @njit(cache=True)
@@ -81,37 +98,47 @@ def update_chunk(buf, layout, tensor_keys, tensor_info, chunk, seeds, weights, g
     params = layout[4]
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
-    block_elems, block_bytes = params[f, BLOCK_ELEMS], params[f, BLOCK_BYTES]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
     n = end - start
+    key = tensor_keys[t]
+    last = seeds.shape[0] - 1
+    identity = np.arange(n)
+    gradient = np.empty(n, dtype=np.int64)
+    row_gradient(gradient, identity, key, start, end, seeds[last], weights[last], gap_tail, guide,
+                 magnitude_tail)
     error = np.zeros(n, dtype=np.int64)
     if stored_residual:
+        # The sidecar keeps every code's residual, so every code decays and is stored.
+        codes = identity
         for i in range(n):
             error[i] = residual[code_base + start + i]
-    gradient = np.empty(n, dtype=np.int64)
-    rows = seeds.shape[0]
-    for h in range(rows):
-        chunk_gradient(gradient, tensor_keys[t], start, end, seeds[h], weights[h], gap_tail, guide,
-                       magnitude_tail)
-        moves = h == rows - 1
-        for i in range(n):
-            u = gradient[i]
-            if feedback:
-                u += (gamma_fx * error[i] + HALF) >> FRACTION_BITS
-            step = (u + HALF) >> FRACTION_BITS
-            if feedback:
-                error[i] = u - (step << FRACTION_BITS)
-            if moves and step != 0:
-                element = start + i
-                block = element // block_elems
-                j = element - block * block_elems
-                base = offset + block * block_bytes
-                moved = read_code(buf, base, j, f, layout) + step
-                if lo <= moved <= hi:
-                    write_code(buf, base, j, f, layout, moved)
-                    counts[0] += 1
-                else:
-                    counts[1] += 1
+    else:
+        # With gamma <= 1 and |e| <= 1/2, a code without gradient now cannot step, so replay
+        # rebuilds the residual only where this iteration's gradient is non-zero.
+        codes = np.flatnonzero(gradient)
+        if feedback and last > 0:
+            slot = np.full(n, -1, dtype=np.int64)
+            slot[codes] = np.arange(codes.size)
+            past = np.empty(codes.size, dtype=np.int64)
+            past_error = np.zeros(codes.size, dtype=np.int64)
+            for h in range(last):
+                row_gradient(past, slot, key, start, end, seeds[h], weights[h], gap_tail, guide, magnitude_tail)
+                for k in range(codes.size):
+                    _, past_error[k] = feedback_step(past[k], past_error[k], gamma_fx)
+            error[codes] = past_error
+    for i in codes:
+        if feedback:
+            step, error[i] = feedback_step(gradient[i], error[i], gamma_fx)
+        else:
+            step = (gradient[i] + HALF) >> FRACTION_BITS
+        if step != 0:
+            base, j = code_address(start + i, f, params, offset)
+            moved = read_code(buf, base, j, f, layout) + step
+            if lo <= moved <= hi:
+                write_code(buf, base, j, f, layout, moved)
+                counts[0] += 1
+            else:
+                counts[1] += 1
     if stored_residual:
         for i in range(n):
             residual[code_base + start + i] = error[i]
