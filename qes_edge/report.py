@@ -1,0 +1,69 @@
+"""What a user sees after a run: the reward curve, the summary, the memory estimate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .gguf_file import ModelFile
+
+
+def plot_run(run_dir: Path) -> Path | None:
+    """reward_curve.png: mean train reward per iteration and held-out accuracy (with SE) over iterations."""
+    from .trainer import read_metrics
+
+    metrics = read_metrics(run_dir)
+    steps = [m for m in metrics if "reward_mean" in m]
+    evals = [m for m in metrics if "heldout" in m]
+    if not steps and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, reward_axis = plt.subplots(figsize=(7, 4))
+    reward_axis.plot([m["iteration"] for m in steps], [m["reward_mean"] for m in steps], color="tab:blue",
+                     label="train reward (mean of candidates)")
+    reward_axis.set_xlabel("iteration")
+    reward_axis.set_ylabel("train reward", color="tab:blue")
+    accuracy_axis = reward_axis.twinx()
+    accuracy_axis.errorbar([m["iteration"] for m in evals], [m["heldout"]["accuracy"] for m in evals],
+                           yerr=[m["heldout"]["accuracy_se"] for m in evals], color="tab:orange", marker="o",
+                           capsize=3, label="held-out accuracy ± SE")
+    accuracy_axis.set_ylabel("held-out accuracy", color="tab:orange")
+    fig.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(run_dir) / "reward_curve.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
+    from .trainer import read_metrics
+
+    evals = [m for m in read_metrics(run_dir) if "heldout" in m]
+    lines = []
+    if evals:
+        first, last = evals[0]["heldout"], evals[-1]["heldout"]
+        lines.append(f"held-out accuracy: {first['accuracy']:.3f} ± {first['accuracy_se']:.3f} (iteration "
+                     f"{evals[0]['iteration']}) -> {last['accuracy']:.3f} ± {last['accuracy_se']:.3f} (iteration "
+                     f"{evals[-1]['iteration']}), n={last['n']}")
+        lines.append(f"held-out reward:   {first['reward']:.3f} ± {first['reward_se']:.3f} -> "
+                     f"{last['reward']:.3f} ± {last['reward_se']:.3f}")
+    state = "finished" if result["completed"] else "stopped (continue with --resume)"
+    lines.append(f"{state} at iteration {result['iteration']} in {result['seconds'] / 60:.1f} min")
+    lines.append(f"tuned model: {out}")
+    lines.append(f"reward curve: {Path(run_dir) / 'reward_curve.png'}")
+    return lines
+
+
+def memory_estimate(model: ModelFile) -> dict:
+    """Bytes a training run needs: the mapped model, the gating bitmap, the sidecar (on disk)."""
+    codes = model.trainable_codes
+    return {
+        "model_file (memory-mapped, shared with llama.cpp)": model.file_size,
+        "gating bitmap (RAM)": (codes + 7) // 8,
+        "residual sidecar (disk, memory-mapped)": 2 * codes,
+        "residual replay (RAM per chunk, transient)": 0,
+    }

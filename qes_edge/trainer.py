@@ -1,0 +1,537 @@
+"""The ES loop: perturb, score, restore, shape, update, checkpoint — one iteration at a time.
+
+The run directory holds everything a run needs to continue:
+
+    state.json      settings, base model (path, sha256), completed iterations and the
+                    (seeds, weights) row of each — the run's truth
+    metrics.jsonl   one line per iteration (rewards, steps, held-out accuracy, times)
+    residual.bin    the sidecar residual (residual = sidecar)
+    live.dirty      present while the working copy differs from the checkpoint
+
+The working copy (``live.gguf``, on /dev/shm when there is one) is a cache of
+the checkpoint: if it is missing or dirty when a run resumes, it is rebuilt
+from the source model by replaying the recorded updates, which are a
+deterministic function of (seeds, weights).  So a run killed at any point
+resumes to the same bytes an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .errors import QesError
+from .evaluator import Evaluator
+from .gguf_file import ModelFile, export_model, file_sha256, make_working_copy, open_model
+from .kernels import SCHEME, CodeSpace, TensorSlot, to_fixed
+from .residual import NoResidual, ReplayResidual, SidecarResidual
+from .tasks import Item, Task, accuracy_with_stderr, load_task, mean_with_stderr
+
+STATE_VERSION = 1
+
+
+class RunInUse(QesError):
+    """Another process is training this run."""
+
+MAX_WEIGHT = 1 << 24  # |w| in 2**-15 steps: 512 code steps, far past any sane alpha
+
+
+@dataclass
+class Settings:
+    """Everything that decides a run's result (and a few things that do not: threads, eval_every, out)."""
+
+    task: str = "arithmetic"
+    reward: str | None = None
+    iterations: int = 40
+    population: int = 8
+    batch: int = 16
+    max_tokens: int | None = None
+    sigma: float = 0.02
+    alpha: float = 0.3
+    decay: float = 0.9
+    residual: str = "sidecar"
+    window: int = 50
+    error_feedback: bool = True
+    shaping: str = "zscore"
+    seed: int = 0
+    heldout: int = 64
+    train_embeddings: bool = False
+    threads: int | None = None
+    eval_every: int = 10
+
+    # Changing any other setting on --resume would change the result.
+    FREE_ON_RESUME = ("iterations", "threads", "eval_every")
+
+    def check(self) -> None:
+        if self.population < 2 or self.population % 2:
+            raise QesError(f"--population must be even and at least 2 (mirrored pairs), got {self.population}")
+        for name in ("iterations", "batch", "heldout", "eval_every"):
+            if getattr(self, name) < (0 if name == "iterations" else 1):
+                raise QesError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.sigma <= 4:
+            raise QesError(f"--sigma must be in (0, 4], got {self.sigma}")
+        if not self.alpha > 0:
+            raise QesError(f"--alpha must be positive, got {self.alpha}")
+        if not 0 <= self.decay <= 1:
+            raise QesError(f"--decay must be in [0, 1], got {self.decay}")
+        if self.residual not in ("sidecar", "replay"):
+            raise QesError(f"--residual must be sidecar or replay, got {self.residual}")
+        if self.shaping not in ("zscore", "rank"):
+            raise QesError(f"--shaping must be zscore or rank, got {self.shaping}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise QesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.window < 0:
+            raise QesError(f"--window must be >= 0, got {self.window}")
+
+    def result_keys(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FREE_ON_RESUME}
+
+
+# ---- pure pieces of the algorithm -----------------------------------------------------------------
+
+def iteration_seeds(seed: int, iteration: int, pairs: int) -> np.ndarray:
+    """The positive seeds of one iteration's mirrored pairs: a pure function of (run seed, iteration)."""
+    digest = hashlib.sha256(f"qes-edge/{seed}/{iteration}".encode()).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    return rng.integers(1, 1 << 62, size=pairs, dtype=np.int64)
+
+
+def iteration_batch(task: Task, seed: int, iteration: int, size: int) -> list[Item]:
+    """The prompts every candidate of one iteration is scored on (common random numbers)."""
+    rng = random.Random(f"qes-edge-batch/{seed}/{iteration}")
+    if size >= len(task.train):
+        return list(task.train)
+    return rng.sample(task.train, size)
+
+
+def shape_rewards(plus: list[float], minus: list[float], shaping: str) -> list[float]:
+    """Per-pair coefficient c(+s) - c(-s) from the candidates' mean rewards.
+
+    zscore: the mirrored differences over their root mean square, clipped to +-3
+    (no signal, no step); rank: centred ranks of all candidates in [-1/2, 1/2].
+    """
+    if shaping == "rank":
+        everything = plus + minus
+        order = sorted(range(len(everything)), key=lambda i: everything[i])
+        ranks = [0.0] * len(everything)
+        i = 0
+        while i < len(order):  # ties share their mean rank
+            j = i
+            while j + 1 < len(order) and everything[order[j + 1]] == everything[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                ranks[order[k]] = (i + j) / 2
+            i = j + 1
+        centred = [r / (len(everything) - 1) - 0.5 for r in ranks]
+        return [centred[p] - centred[p + len(plus)] for p in range(len(plus))]
+    differences = [a - b for a, b in zip(plus, minus)]
+    rms = math.sqrt(math.fsum(d * d for d in differences) / len(differences))
+    if rms == 0:
+        return [0.0] * len(differences)
+    return [max(-3.0, min(3.0, d / rms)) for d in differences]
+
+
+def pair_weights(coefficients: list[float], alpha: float, sigma: float, population: int) -> np.ndarray:
+    """w_p = alpha * c_p / (N sigma) in fixed point: this pair's share of the step, per unit delta."""
+    weights = [to_fixed(alpha * c / (population * sigma)) for c in coefficients]
+    return np.array([max(-MAX_WEIGHT, min(MAX_WEIGHT, w)) for w in weights], dtype=np.int64)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    iteration: int
+    iterations: int
+    reward: float
+    heldout: tuple[float, float] | None
+    seconds: float
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    source: Path
+    settings: Settings
+    base_sha256: str
+    iteration: int = 0
+    history: list = field(default_factory=list)  # [(seeds, weights)] per completed iteration
+    live_path: Path | None = None
+
+    # -- creation and resumption --
+
+    @classmethod
+    def create(cls, run_dir: Path, source: Path, settings: Settings) -> "Run":
+        settings.check()
+        run_dir = Path(run_dir)
+        if (run_dir / "state.json").exists():
+            raise QesError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                           "or choose another --run-dir")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QesError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        run = cls(run_dir, Path(source).resolve(), settings, file_sha256(source))
+        run.save()
+        return run
+
+    @classmethod
+    def load(cls, run_dir: Path, overrides: dict | None = None) -> "Run":
+        run_dir = Path(run_dir)
+        path = run_dir / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise QesError(f"{run_dir} holds no run (no state.json)") from None
+        except (OSError, ValueError) as e:
+            raise QesError(f"{path} is unreadable: {e}") from None
+        if state.get("version") != STATE_VERSION or state.get("scheme") != SCHEME:
+            raise QesError(f"{run_dir} was written by an incompatible qes-edge "
+                           f"(state {state.get('version')}, scheme {state.get('scheme')})")
+        settings = Settings(**state["settings"])
+        for key, value in (overrides or {}).items():
+            if value is None or getattr(settings, key) == value:
+                continue
+            if key not in Settings.FREE_ON_RESUME:
+                raise QesError(f"--{key.replace('_', '-')} differs from the run's ({getattr(settings, key)!r}); "
+                               "it would change the result — start a new run instead")
+            setattr(settings, key, value)
+        settings.check()
+        history = [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in state["history"]]
+        return cls(run_dir, Path(state["source"]), settings, state["base_sha256"], state["iteration"], history,
+                   Path(state["live"]) if state.get("live") else None)
+
+    def save(self) -> None:
+        """Atomically write state.json (the checkpoint)."""
+        state = {
+            "version": STATE_VERSION,
+            "scheme": SCHEME,
+            "qes_edge": __version__,
+            "source": str(self.source),
+            "base_sha256": self.base_sha256,
+            "settings": dataclasses.asdict(self.settings),
+            "iteration": self.iteration,
+            "history": [[s.tolist(), w.tolist()] for s, w in self.history],
+            "live": str(self.live_path) if self.live_path else None,
+        }
+        _atomic_write(self.run_dir / "state.json", json.dumps(state, indent=1).encode())
+
+    # -- the pieces a training session holds --
+
+    def _live_location(self) -> Path:
+        shm = Path("/dev/shm")
+        size = self.source.stat().st_size
+        tag = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        if shm.is_dir() and os.access(shm, os.W_OK) and _free_bytes(shm) > 2 * size:
+            return shm / f"qes-edge-{tag}" / "live.gguf"
+        return self.run_dir / "live.gguf"
+
+    def open_model(self) -> ModelFile:
+        if not self.source.is_file():
+            raise QesError(f"the run's source model {self.source} is missing")
+        model = open_model(self.source, train_embeddings=self.settings.train_embeddings)
+        if not model.trainable:
+            reasons = sorted({t.reason for t in model.tensors})
+            raise QesError(f"{self.source} has no trainable tensors ({'; '.join(reasons)})")
+        return model
+
+    def prepare_live(self, model: ModelFile) -> tuple[np.memmap, CodeSpace, object]:
+        """A working copy at this run's checkpoint, its code space and residual store.
+
+        Reuses the live copy when it is clean; otherwise rebuilds it from the source
+        by replaying every recorded update (deterministic, so the same bytes).
+        """
+        dirty = self.run_dir / "live.dirty"
+        live = self.live_path
+        clean = live is not None and live.is_file() and not dirty.exists()
+        if clean and self.settings.error_feedback and self.settings.residual == "sidecar":
+            clean = (self.run_dir / "residual.bin").exists()
+        if clean:
+            return self._open_live(model, live, self.run_dir / "residual.bin")
+        self.live_path = self._live_location()
+        dirty.touch()
+        self.save()
+        opened = self.rebuild(model, self.live_path, self.run_dir / "residual.bin")
+        dirty.unlink()
+        return opened
+
+    def rebuild(self, model: ModelFile, live: Path, residual_path: Path):
+        """Copy the source to ``live`` and replay every recorded update onto it."""
+        if file_sha256(self.source) != self.base_sha256:
+            raise QesError(f"the source model {self.source} changed since the run started; "
+                           "its checkpoint cannot be rebuilt")
+        make_working_copy(self.source, live)
+        residual_path.unlink(missing_ok=True)
+        buf, space, store = self._open_live(model, live, residual_path)
+        for t in range(len(self.history)):
+            store.update(space, self.history[:t + 1], self.settings.decay)
+        buf.flush()
+        return buf, space, store
+
+    def _open_live(self, model: ModelFile, live: Path, residual_path: Path):
+        buf = np.memmap(live, dtype=np.uint8, mode="r+")
+        slots = [TensorSlot(t.name, t.ggml_type, t.offset, t.n_elements) for t in model.trainable]
+        space = CodeSpace(buf, slots, self.settings.sigma)
+        s = self.settings
+        if not s.error_feedback:
+            store = NoResidual()
+        elif s.residual == "replay":
+            store = ReplayResidual(s.window)
+        else:
+            store = SidecarResidual(residual_path, model.fingerprint, space.n_codes)
+        return buf, space, store
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Held while a process trains this run; raises RunInUse when another one does."""
+        handle = open(self.run_dir / "lock", "w")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunInUse(f"{self.run_dir} is being trained by another process") from None
+            yield
+        finally:
+            handle.close()
+
+    # -- training --
+
+    def train(self, on_progress: Callable[[Progress], None] = lambda p: None,
+              on_heldout: Callable[[int, dict], None] = lambda t, m: None) -> dict:
+        with self.lock():
+            return self._train(on_progress, on_heldout)
+
+    def _train(self, on_progress, on_heldout) -> dict:
+        s = self.settings
+        model = self.open_model()
+        task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+        max_tokens = s.max_tokens or task.max_tokens
+        buf, space, store = self.prepare_live(model)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.iteration)
+        pairs = s.population // 2
+        stop = _StopFlag()
+        started = time.perf_counter()
+        with Evaluator(self.live_path, n_seq_max=max(s.batch, 1), n_threads=s.threads) as evaluator:
+            score = _Scorer(evaluator, task, max_tokens)
+            if self.iteration == 0 and not _has_heldout(metrics_path, 0):
+                result = score.heldout()
+                _append_metrics(metrics_path, {"iteration": 0, "heldout": result})
+                on_heldout(0, result)
+            with stop.installed():
+                while self.iteration < s.iterations and not stop.requested:
+                    t = self.iteration
+                    t0 = time.perf_counter()
+                    seeds = iteration_seeds(s.seed, t, pairs)
+                    batch = iteration_batch(task, s.seed, t, s.batch)
+                    (self.run_dir / "live.dirty").touch()
+                    rewards = {}
+                    try:
+                        for p, seed in enumerate(seeds):
+                            for sign in (1, -1):
+                                space.perturb(sign * int(seed))
+                                try:
+                                    rewards[p, sign] = score.mean_reward(batch)
+                                finally:
+                                    space.restore(sign * int(seed))
+                            if stop.requested:
+                                break
+                    except QesError:
+                        (self.run_dir / "live.dirty").unlink()  # restored: the copy is the checkpoint
+                        raise
+                    if stop.requested:
+                        (self.run_dir / "live.dirty").unlink()
+                        break
+                    t1 = time.perf_counter()
+                    plus = [rewards[p, 1] for p in range(pairs)]
+                    minus = [rewards[p, -1] for p in range(pairs)]
+                    weights = pair_weights(shape_rewards(plus, minus, s.shaping), s.alpha, s.sigma, s.population)
+                    self.history.append((seeds, weights))
+                    stepped, blocked = store.update(space, self.history, s.decay)
+                    buf.flush()
+                    t2 = time.perf_counter()
+                    line = {
+                        "iteration": t + 1,
+                        "reward_mean": float(np.mean(plus + minus)),
+                        "reward_max": float(np.max(plus + minus)),
+                        "rewards_plus": plus,
+                        "rewards_minus": minus,
+                        "weights": weights.tolist(),
+                        "codes_stepped": stepped,
+                        "steps_blocked": blocked,
+                        "score_s": round(t1 - t0, 3),
+                        "update_s": round(t2 - t1, 3),
+                    }
+                    self.iteration = t + 1
+                    if self.iteration % s.eval_every == 0 or self.iteration == s.iterations:
+                        line["heldout"] = score.heldout()
+                        on_heldout(self.iteration, line["heldout"])
+                    line["iteration_s"] = round(time.perf_counter() - t0, 3)
+                    _append_metrics(metrics_path, line)
+                    self.save()
+                    (self.run_dir / "live.dirty").unlink()
+                    on_progress(Progress(self.iteration, s.iterations, line["reward_mean"],
+                                         _accuracy(line.get("heldout")), time.perf_counter() - started))
+        store.close()
+        del buf
+        return {"completed": self.iteration >= s.iterations, "iteration": self.iteration,
+                "seconds": time.perf_counter() - started, "metrics": metrics_path}
+
+    def export(self, out: Path) -> Path:
+        """Write the checkpoint's model to ``out`` with ``qes.*`` provenance.
+
+        A run being trained right now is exported from a copy rebuilt beside it,
+        so the trainer's live (perhaps perturbed) copy is never read or touched.
+        """
+        model = self.open_model()
+        try:
+            with self.lock():
+                buf, _, store = self.prepare_live(model)
+                store.close()
+                del buf
+                self._export_file(self.live_path, out)
+        except RunInUse:
+            with tempfile.TemporaryDirectory(prefix="export-", dir=self.run_dir) as tmp:
+                buf, _, store = self.rebuild(model, Path(tmp) / "live.gguf", Path(tmp) / "residual.bin")
+                store.close()
+                del buf
+                self._export_file(Path(tmp) / "live.gguf", out)
+        return Path(out)
+
+    def _export_file(self, live: Path, out: Path) -> None:
+        s = self.settings
+        provenance = {
+            "version": __version__, "base_sha256": self.base_sha256, "base_file": self.source.name,
+            "task": s.task, "reward": s.reward or "", "iterations": self.iteration, "sigma": s.sigma,
+            "alpha": s.alpha, "decay": s.decay, "population": s.population, "batch": s.batch,
+            "residual": s.residual if s.error_feedback else "none", "window": s.window, "seed": s.seed,
+            "scheme": SCHEME,
+        }
+        export_model(live, out, provenance, protect=[self.source])
+
+
+class _Scorer:
+    """Rewards of the model as it is in the working copy right now."""
+
+    def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int):
+        self.evaluator, self.task, self.max_tokens = evaluator, task, max_tokens
+
+    def rewards(self, items: list[Item]) -> list[float]:
+        prompts = [item.prompt for item in items]
+        if self.task.uses_logprob:
+            answers = [item.answer for item in items]
+            totals = self.evaluator.logprob(prompts, answers)
+            lengths = [max(1, len(self.evaluator.tokenize_completion(a))) for a in answers]
+            return [total / n for total, n in zip(totals, lengths)]
+        completions = self.evaluator.generate(prompts, self.max_tokens, self.task.stop)
+        return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
+
+    def mean_reward(self, items: list[Item]) -> float:
+        return math.fsum(self.rewards(items)) / len(items)
+
+    def heldout(self) -> dict:
+        items = self.task.heldout
+        completions = self.evaluator.generate([i.prompt for i in items], self.max_tokens, self.task.stop)
+        correct = [self.task.correct(c.text, i) for c, i in zip(completions, items)]
+        accuracy, accuracy_se = accuracy_with_stderr(correct)
+        rewards = self.rewards(items) if self.task.uses_logprob else \
+            [self.task.reward(c.text, i) for c, i in zip(completions, items)]
+        reward, reward_se = mean_with_stderr(rewards)
+        return {"n": len(items), "accuracy": accuracy, "accuracy_se": accuracy_se,
+                "reward": reward, "reward_se": reward_se}
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the candidate, restore, checkpoint, stop. Second: stop now."""
+
+    requested = False
+
+    def installed(self):
+        flag = self
+
+        class _Installed:
+            def __enter__(self):
+                self.previous = signal.getsignal(signal.SIGINT)
+                try:
+                    signal.signal(signal.SIGINT, flag._handle)
+                except ValueError:  # not the main thread
+                    self.previous = None
+
+            def __exit__(self, *exc):
+                if self.previous is not None:
+                    signal.signal(signal.SIGINT, self.previous)
+
+        return _Installed()
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def _accuracy(heldout: dict | None):
+    return (heldout["accuracy"], heldout["accuracy_se"]) if heldout else None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise QesError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _free_bytes(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _append_metrics(path: Path, line: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            break  # a line torn by a crash: everything after it is redone
+    return lines
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop lines past the checkpoint (written before a crash cut the iteration short)."""
+    kept = [m for m in _read_metrics(path) if m["iteration"] <= iteration]
+    _atomic_write(path, "".join(json.dumps(m) + "\n" for m in kept).encode())
+
+
+def _has_heldout(path: Path, iteration: int) -> bool:
+    return any(m["iteration"] == iteration and "heldout" in m for m in _read_metrics(path))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return _read_metrics(Path(run_dir) / "metrics.jsonl")

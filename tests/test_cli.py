@@ -1,0 +1,203 @@
+"""`qes-edge` end to end on the real default model: train, resume, export, inspect, eval, bad input."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from qes_edge.cli import cli
+from qes_edge.formats import format_of
+
+REWARD = '''
+def score(completion, item):
+    """A reward that changes whenever the text does: candidates disagree, so codes move."""
+    return (sum(map(ord, completion)) % 97) / 97.0
+
+def explode(completion, item):
+    raise RuntimeError("boom")
+'''
+
+TINY = ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
+        "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "rewards_for_tests.py").write_text(REWARD)
+    lines = [{"messages": [{"role": "user", "content": f"Name a colour number {i}."}], "answer": "red"}
+             for i in range(8)]
+    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def train(workspace, *args):
+    runner = CliRunner()
+    reward = f"{workspace / 'rewards_for_tests.py'}:score"
+    return runner.invoke(cli, ["train", "--task", str(workspace / "data.jsonl"), "--reward", reward, *args])
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fields(reader):
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def test_train_writes_a_gguf_that_differs_only_in_trainable_codes(workspace, default_model, tmp_path):
+    before = sha256(default_model)
+    out = tmp_path / "tuned.gguf"
+    result = train(workspace, str(default_model), *TINY, "--run-dir", str(tmp_path / "run"), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sha256(default_model) == before  # the source is never written
+    for name in ("state.json", "metrics.jsonl", "reward_curve.png"):
+        assert (tmp_path / "run" / name).is_file()
+
+    base, tuned = GGUFReader(default_model), GGUFReader(out)
+    base_fields, tuned_fields = fields(base), fields(tuned)
+    for key, value in base_fields.items():
+        assert tuned_fields[key] == value, key
+    provenance = {k: v for k, v in tuned_fields.items() if k.startswith("qes.")}
+    assert provenance["qes.base_sha256"] == before and provenance["qes.iterations"] == 2
+    assert {"qes.task", "qes.sigma", "qes.alpha", "qes.seed"} <= set(provenance)
+
+    changed = 0
+    assert [t.name for t in base.tensors] == [t.name for t in tuned.tensors]
+    for a, b in zip(base.tensors, tuned.tensors):
+        assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape))
+        raw_a, raw_b = np.asarray(a.data).view(np.uint8).reshape(-1), np.asarray(b.data).view(np.uint8).reshape(-1)
+        fmt = format_of(a.tensor_type)
+        trainable = fmt is not None and len(a.shape) == 2 and a.name != "token_embd.weight"
+        if not trainable:
+            assert np.array_equal(raw_a, raw_b), a.name
+            continue
+        codes = fmt.read_codes(raw_b)
+        only_codes = raw_a.copy()
+        fmt.write_codes(only_codes, codes)
+        assert np.array_equal(only_codes, raw_b), a.name  # scales and mins untouched
+        changed += int(np.sum(codes != fmt.read_codes(raw_a)))
+    assert changed > 0
+
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(out), n_ctx=256, verbose=False)
+    text = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    assert len(text) > 0
+
+
+def test_resume_gives_the_bytes_of_an_uninterrupted_run(workspace, default_model, tmp_path):
+    straight = tmp_path / "straight.gguf"
+    assert train(workspace, str(default_model), "--iterations", "3", *TINY[2:], "--run-dir", str(tmp_path / "a"),
+                 "--out", str(straight)).exit_code == 0
+
+    # stopped after one iteration, then continued
+    first = train(workspace, str(default_model), "--iterations", "1", *TINY[2:], "--run-dir", str(tmp_path / "b"))
+    assert first.exit_code == 0, first.output
+    resumed = tmp_path / "resumed.gguf"
+    second = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "b"), "--iterations", "3",
+                                      "--out", str(resumed)])
+    assert second.exit_code == 0, second.output
+    assert sha256(resumed) == sha256(straight)
+
+    # killed mid-iteration: the working copy is dirty (here: scribbled on) and must be rebuilt
+    crashed = train(workspace, str(default_model), "--iterations", "2", *TINY[2:], "--run-dir", str(tmp_path / "c"))
+    assert crashed.exit_code == 0, crashed.output
+    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    live = Path(state["live"])
+    scribble = np.memmap(live, dtype=np.uint8, mode="r+")
+    scribble[-4096:] = 7
+    scribble.flush()
+    del scribble
+    (tmp_path / "c" / "live.dirty").touch()
+    rebuilt = tmp_path / "rebuilt.gguf"
+    third = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "c"), "--iterations", "3",
+                                     "--out", str(rebuilt)])
+    assert third.exit_code == 0, third.output
+    assert sha256(rebuilt) == sha256(straight)
+
+    # export from the run directory gives the same model again
+    exported = tmp_path / "exported.gguf"
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "c"), "--out", str(exported), "--ollama"])
+    assert result.exit_code == 0, result.output
+    assert sha256(exported) == sha256(straight)
+    assert (tmp_path / "Modelfile").read_text().splitlines()[0] == "FROM ./exported.gguf"
+    assert "ollama create" in result.output
+
+
+def one_line_error(result):
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("Error: ")
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def test_bad_inputs_get_one_clear_line(workspace, default_model, tmp_path):
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    assert "not a GGUF" in one_line_error(train(workspace, str(not_gguf), *TINY, "--run-dir", str(tmp_path / "r1")))
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(default_model.read_bytes()[:5_000_000])
+    message = one_line_error(train(workspace, str(truncated), *TINY, "--run-dir", str(tmp_path / "r2")))
+    assert "truncated.gguf" in message
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer"\n{"prompt": "e", "answer": "f"}\n')
+    message = one_line_error(CliRunner().invoke(cli, ["train", str(default_model), "--task", str(broken), *TINY,
+                                                       "--run-dir", str(tmp_path / "r3")]))
+    assert "line 2" in message
+
+    raising = f"{workspace / 'rewards_for_tests.py'}:explode"
+    message = one_line_error(CliRunner().invoke(cli, ["train", str(default_model), "--task",
+                                                       str(workspace / "data.jsonl"), "--reward", raising, *TINY,
+                                                       "--run-dir", str(tmp_path / "r4")]))
+    assert "item" in message
+    assert not (tmp_path / "r4" / "live.dirty").exists()  # the working copy was restored
+
+    assert "even" in one_line_error(train(workspace, str(default_model), *TINY, "--population", "3",
+                                          "--run-dir", str(tmp_path / "r5")))
+
+
+def test_resume_refuses_settings_that_change_the_result(workspace, default_model, tmp_path):
+    assert train(workspace, str(default_model), "--iterations", "0", *TINY[2:],
+                 "--run-dir", str(tmp_path / "run")).exit_code == 0
+    message = one_line_error(CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "run"),
+                                                       "--sigma", "0.1"]))
+    assert "--sigma" in message
+
+
+def test_export_to_an_unwritable_place_keeps_the_run(workspace, default_model, tmp_path):
+    assert train(workspace, str(default_model), "--iterations", "1", *TINY[2:], "--run-dir",
+                 str(tmp_path / "run"), "--out", str(tmp_path / "first.gguf")).exit_code == 0
+    message = one_line_error(CliRunner().invoke(cli, ["export", str(tmp_path / "run"),
+                                                       "--out", "/proc/qes-edge-test.gguf"]))
+    assert "qes-edge-test.gguf" in message
+    again = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "again.gguf")])
+    assert again.exit_code == 0, again.output
+    assert sha256(tmp_path / "again.gguf") == sha256(tmp_path / "first.gguf")
+
+
+def test_inspect_lists_trainable_and_frozen_tensors(default_model):
+    result = CliRunner().invoke(cli, ["inspect", str(default_model), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["trainable_tensors"] == 210
+    frozen = {t["name"]: t["reason"] for t in info["tensors"] if not t["trainable"]}
+    assert "token_embd.weight" in frozen and all(frozen.values())
+    assert info["trainable_codes"] == 106_168_320  # 30 layers x 7 matrices of SmolLM2-135M
+
+
+def test_eval_reports_accuracy_with_standard_error(default_model):
+    result = CliRunner().invoke(cli, ["eval", str(default_model), "--task", "arithmetic", "--heldout", "4",
+                                      "--json", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["n"] == 4 and 0 <= report["accuracy"] <= 1 and report["accuracy_se"] >= 0
