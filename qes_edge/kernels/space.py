@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..formats import QuantFormat, format_of
+from . import native
 from .codes import layout_tables
 from .noise import CHUNK, NoiseTable, tensor_key
 from .perturb import perturb_codes
@@ -29,9 +30,14 @@ class CodeSpace:
     Codes are numbered globally in tensor order; that numbering indexes the
     residual and the gating bitmap.  Streams are keyed by tensor *name*, so
     a tensor's perturbations do not depend on which other tensors train.
+
+    ``kernels``: "numba" or "native" (the bit-identical C twin); by default
+    ``$QES_EDGE_KERNELS``, else native when its library is built.
     """
 
-    def __init__(self, buf: np.ndarray, tensors: list[TensorSlot], sigma: float):
+    def __init__(self, buf: np.ndarray, tensors: list[TensorSlot], sigma: float, kernels: str | None = None):
+        self.kernels = native.select(kernels)
+        self._perturb_codes, self._es_update = _KERNELS[self.kernels]
         self.buf = buf
         self.tensors = list(tensors)
         self.noise = NoiseTable.for_sigma(sigma)
@@ -63,13 +69,13 @@ class CodeSpace:
 
     def perturb(self, seed: int) -> int:
         """Add the perturbation of ``seed`` (gated at the code range); returns codes changed."""
-        return int(perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
-                                 np.int64(seed), *self._noise_args(), self.gated, False))
+        return int(self._perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
+                                       np.int64(seed), *self._noise_args(), self.gated, False))
 
     def restore(self, seed: int) -> int:
         """Undo :meth:`perturb` of the same seed, giving back the exact original bytes."""
-        return int(perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
-                                 np.int64(seed), *self._noise_args(), self.gated, True))
+        return int(self._perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
+                                       np.int64(seed), *self._noise_args(), self.gated, True))
 
     def update(self, seeds: np.ndarray, weights: np.ndarray, gamma: float, feedback: bool,
                residual: np.ndarray | None) -> tuple[int, int]:
@@ -88,7 +94,10 @@ class CodeSpace:
             residual = np.zeros(1, dtype=np.int16)
         elif residual.shape != (self.n_codes,):
             raise ValueError(f"residual has {residual.shape} codes, the model has {self.n_codes}")
-        stepped, blocked = es_update(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
-                                     seeds, weights, np.int64(to_fixed(gamma)), feedback, residual, stored,
-                                     *self._noise_args())
+        stepped, blocked = self._es_update(self.buf, self.layout, self.tensor_keys, self.tensor_info,
+                                           self.chunks, seeds, weights, np.int64(to_fixed(gamma)), feedback,
+                                           residual, stored, *self._noise_args())
         return int(stepped), int(blocked)
+
+
+_KERNELS = {"numba": (perturb_codes, es_update), "native": (native.perturb_codes, native.es_update)}

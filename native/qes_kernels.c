@@ -1,0 +1,419 @@
+/* The C twin of the Numba kernels in qes_edge/kernels: read it beside them.
+ *
+ * Bit-identical results need the Numba semantics spelled out where C differs:
+ * int64 arithmetic that may overflow goes through uint64 (wrap-around, as in
+ * Numba), and right shifts of negative numbers use floor_shift (in C they are
+ * implementation-defined; Numba's are arithmetic, i.e. floor).  Chunks are
+ * independent (they cover disjoint bytes, gating bits and residuals), so the
+ * OpenMP loop over them gives the same bytes on any thread count, and the
+ * counts are integer sums.
+ */
+#include "qes_kernels.h"
+
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Columns of layout_tables()' params (codes.py). */
+enum { LOW_BITS, HIGH_BITS, SIGNED, BLOCK_SHIFT, BLOCK_BYTES, CODE_LO, CODE_HI, N_PARAMS };
+
+#define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
+#define M1 UINT64_C(0xBF58476D1CE4E5B9)
+#define M2 UINT64_C(0x94D049BB133111EB)
+#define ONE (INT64_C(1) << QES_FRACTION_BITS)
+#define HALF (ONE >> 1)
+
+/* ---- int64 as Numba computes it ------------------------------------------------------------- */
+
+static inline int64_t wrap_add(int64_t a, int64_t b) { return (int64_t)((uint64_t)a + (uint64_t)b); }
+static inline int64_t wrap_sub(int64_t a, int64_t b) { return (int64_t)((uint64_t)a - (uint64_t)b); }
+static inline int64_t wrap_mul(int64_t a, int64_t b) { return (int64_t)((uint64_t)a * (uint64_t)b); }
+
+/* x >> s rounding toward minus infinity, defined for negative x. */
+static inline int64_t floor_shift(int64_t x, int s) { return x >= 0 ? x >> s : ~(~x >> s); }
+
+/* ---- noise.py ------------------------------------------------------------------------------- */
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * M1;
+    z = (z ^ (z >> 27)) * M2;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t stream_start(uint64_t seed_abs, uint64_t key, int64_t chunk) {
+    uint64_t z = mix64(seed_abs + GOLDEN);
+    z = mix64(z ^ key);
+    return mix64(z ^ ((uint64_t)chunk + GOLDEN));
+}
+
+static inline uint64_t next_u64(uint64_t *state) {
+    *state += GOLDEN;
+    return mix64(*state);
+}
+
+/* |seed| as Numba's np.uint64(seed if seed > 0 else -seed) gives it, and the sign of its deltas. */
+static inline uint64_t seed_abs_of(int64_t seed) { return seed > 0 ? (uint64_t)seed : (uint64_t)0 - (uint64_t)seed; }
+static inline int64_t sign_of(int64_t seed) { return seed > 0 ? 1 : -1; }
+
+static inline int64_t draw_gap(uint64_t *state, const qes_noise *noise) {
+    const uint64_t *gap_tail = noise->gap_tail;
+    const int64_t last = noise->gap_len - 1;
+    int64_t gap = 0;
+    for (;;) {
+        uint64_t u = next_u64(state);
+        if (u < gap_tail[last]) {
+            gap += last;  /* past the table: memoryless, draw again */
+            continue;
+        }
+        int64_t k = noise->guide[u >> (64 - QES_GUIDE_BITS)];
+        while (k < last && gap_tail[k + 1] > u)
+            k++;
+        return gap + k;
+    }
+}
+
+static inline int64_t draw_delta(uint64_t *state, const qes_noise *noise, int64_t sign) {
+    uint64_t u = next_u64(state);
+    int64_t magnitude = 1;
+    uint64_t v = u << 1;
+    while (magnitude < noise->magnitude_len && v < noise->magnitude_tail[magnitude])
+        magnitude++;
+    if (u >> 63)
+        sign = -sign;
+    return sign * magnitude;
+}
+
+QES_API void qes_constants(int64_t out[5]) {
+    out[0] = QES_ABI_VERSION;
+    out[1] = QES_CHUNK;
+    out[2] = QES_GUIDE_BITS;
+    out[3] = QES_FRACTION_BITS;
+#ifdef _OPENMP
+    out[4] = 1;
+#else
+    out[4] = 0;
+#endif
+}
+
+QES_API int64_t qes_sample_tensor(int64_t seed, uint64_t key, int64_t n_elements, const qes_noise *noise,
+                                  int64_t *positions, int8_t *deltas, int64_t capacity) {
+    const uint64_t seed_abs = seed_abs_of(seed);
+    const int64_t sign = sign_of(seed);
+    int64_t count = 0;
+    const int64_t n_chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK;
+    for (int64_t chunk = 0; chunk < n_chunks; chunk++) {
+        uint64_t state = stream_start(seed_abs, key, chunk);
+        int64_t element = chunk * QES_CHUNK;
+        const int64_t end = element + QES_CHUNK < n_elements ? element + QES_CHUNK : n_elements;
+        for (;;) {
+            element += draw_gap(&state, noise);
+            if (element >= end)
+                break;
+            int64_t delta = draw_delta(&state, noise, sign);
+            if (count < capacity) {
+                positions[count] = element;
+                deltas[count] = (int8_t)delta;
+            }
+            count++;
+            element++;
+        }
+    }
+    return count;
+}
+
+/* ---- codes.py ------------------------------------------------------------------------------- */
+
+static inline const int64_t *params_of(const qes_layout *layout, int64_t f) { return layout->params + f * N_PARAMS; }
+
+/* Byte offset of the element's block; *j becomes the element's index in its block. */
+static inline int64_t code_address(int64_t element, const int64_t *params, int64_t offset, int64_t *j) {
+    const int64_t shift = params[BLOCK_SHIFT];
+    const int64_t block = element >> shift;
+    *j = element - (block << shift);
+    return offset + block * params[BLOCK_BYTES];
+}
+
+static inline int64_t read_code(const uint8_t *buf, int64_t base, int64_t j, int64_t f, const qes_layout *layout) {
+    const int64_t *params = params_of(layout, f);
+    const int64_t at = f * layout->width + j;
+    const int64_t low_bits = params[LOW_BITS], high_bits = params[HIGH_BITS];
+    int64_t code = (buf[base + layout->low_byte[at]] >> layout->low_shift[at]) & ((INT64_C(1) << low_bits) - 1);
+    if (high_bits) {
+        const int64_t high =
+            (buf[base + layout->high_byte[at]] >> layout->high_shift[at]) & ((INT64_C(1) << high_bits) - 1);
+        code |= high << low_bits;
+    }
+    if (params[SIGNED] && code >= (INT64_C(1) << (low_bits + high_bits - 1)))
+        code -= INT64_C(1) << (low_bits + high_bits);
+    return code;
+}
+
+static inline void put_bits(uint8_t *buf, int64_t at, int64_t shift, int64_t bits, int64_t value) {
+    const int64_t mask = ((INT64_C(1) << bits) - 1) << shift;
+    const int64_t old = buf[at];
+    buf[at] = (uint8_t)((old & ~mask) | ((value << shift) & mask));
+}
+
+static inline void write_code(uint8_t *buf, int64_t base, int64_t j, int64_t f, const qes_layout *layout,
+                              int64_t code) {
+    const int64_t *params = params_of(layout, f);
+    const int64_t at = f * layout->width + j;
+    const int64_t low_bits = params[LOW_BITS], high_bits = params[HIGH_BITS];
+    const int64_t unsigned_code = code & ((INT64_C(1) << (low_bits + high_bits)) - 1);
+    put_bits(buf, base + layout->low_byte[at], layout->low_shift[at], low_bits, unsigned_code);
+    if (high_bits)
+        put_bits(buf, base + layout->high_byte[at], layout->high_shift[at], high_bits, unsigned_code >> low_bits);
+}
+
+/* ---- scratch: one slice per thread, allocated before any byte is touched ----------------------- */
+
+static int team_size(int threads) {
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static int64_t longest_chunk(const int64_t *chunks, int64_t n_chunks) {
+    int64_t longest = 1;
+    for (int64_t c = 0; c < n_chunks; c++)
+        if (chunks[3 * c + 2] - chunks[3 * c + 1] > longest)
+            longest = chunks[3 * c + 2] - chunks[3 * c + 1];
+    return longest;
+}
+
+/* ---- perturb.py ----------------------------------------------------------------------------- */
+
+static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
+                             const int64_t *tensor_info, const int64_t *chunk, int64_t seed, const qes_noise *noise,
+                             uint8_t *gated, int restore, int64_t *elements, int64_t *deltas) {
+    const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
+    const int64_t offset = tensor_info[3 * t], f = tensor_info[3 * t + 1], code_base = tensor_info[3 * t + 2];
+    const int64_t *params = params_of(layout, f);
+    const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
+    const int64_t sign = sign_of(seed);
+    /* Draw the chunk's deltas first, then touch memory: independent loads overlap. */
+    int64_t count = 0;
+    uint64_t state = stream_start(seed_abs_of(seed), tensor_keys[t], start / QES_CHUNK);
+    int64_t element = start;
+    for (;;) {
+        element += draw_gap(&state, noise);
+        if (element >= end)
+            break;
+        deltas[count] = draw_delta(&state, noise, sign);
+        elements[count] = element;
+        count++;
+        element++;
+    }
+    int64_t n = 0;
+    for (int64_t k = 0; k < count; k++) {
+        int64_t j;
+        const int64_t base = code_address(elements[k], params, offset, &j);
+        const int64_t index = code_base + elements[k];
+        const uint8_t bit = (uint8_t)(1u << (index & 7));
+        if (restore) {
+            if (gated[index >> 3] & bit) {
+                gated[index >> 3] &= (uint8_t)~bit;
+            } else {
+                write_code(buf, base, j, f, layout, wrap_sub(read_code(buf, base, j, f, layout), deltas[k]));
+                n++;
+            }
+        } else {
+            const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), deltas[k]);
+            if (lo <= moved && moved <= hi) {
+                write_code(buf, base, j, f, layout, moved);
+                n++;
+            } else {
+                gated[index >> 3] |= bit;
+            }
+        }
+    }
+    return n;
+}
+
+QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
+                                  const int64_t *tensor_info, const int64_t *chunks, int64_t n_chunks,
+                                  int64_t seed, const qes_noise *noise, uint8_t *gated, int restore,
+                                  int threads) {
+    const int team = team_size(threads);
+    const int64_t stride = longest_chunk(chunks, n_chunks);
+    int64_t *scratch = malloc(sizeof(int64_t) * 2 * (size_t)stride * (size_t)team);
+    if (scratch == NULL)
+        return -1;
+    int64_t changed = 0;
+#pragma omp parallel num_threads(team) reduction(+ : changed)
+    {
+        int64_t *elements = scratch + 2 * stride * thread_id();
+        int64_t *deltas = elements + stride;
+#pragma omp for schedule(dynamic)
+        for (int64_t c = 0; c < n_chunks; c++)
+            changed += perturb_chunk(buf, layout, tensor_keys, tensor_info, chunks + 3 * c, seed, noise, gated,
+                                     restore, elements, deltas);
+    }
+    free(scratch);
+    return changed;
+}
+
+/* ---- update.py ------------------------------------------------------------------------------ */
+
+/* gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk (slot -1: skip). */
+static inline void add_stream(int64_t *gradient, const int64_t *slot, uint64_t key, int64_t start, int64_t end,
+                              int64_t seed, int64_t weight, const qes_noise *noise) {
+    const int64_t sign = sign_of(seed);
+    uint64_t state = stream_start(seed_abs_of(seed), key, start / QES_CHUNK);
+    int64_t element = start;
+    for (;;) {
+        element += draw_gap(&state, noise);
+        if (element >= end)
+            break;
+        const int64_t delta = draw_delta(&state, noise, sign);
+        const int64_t k = slot[element - start];
+        if (k >= 0)
+            gradient[k] = wrap_add(gradient[k], wrap_mul(weight, delta));
+        element++;
+    }
+}
+
+/* One iteration's g = sum_p w_p * delta_p over `size` gradient entries, gathered through slot. */
+static void row_gradient(int64_t *gradient, int64_t size, const int64_t *slot, uint64_t key, int64_t start,
+                         int64_t end, const int64_t *seeds_row, const int64_t *weights_row, int64_t pairs,
+                         const qes_noise *noise) {
+    for (int64_t i = 0; i < size; i++)
+        gradient[i] = 0;
+    for (int64_t p = 0; p < pairs; p++)
+        if (weights_row[p] != 0)
+            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], noise);
+}
+
+/* u + round(gamma * e), then the whole step; *error becomes the new residual. */
+static inline int64_t feedback_step(int64_t u, int64_t *error, int64_t gamma_fx) {
+    u = wrap_add(u, floor_shift(wrap_add(wrap_mul(gamma_fx, *error), HALF), QES_FRACTION_BITS));
+    const int64_t step = floor_shift(wrap_add(u, HALF), QES_FRACTION_BITS);
+    *error = wrap_sub(u, wrap_mul(step, ONE));
+    return step;
+}
+
+typedef struct {
+    int64_t *identity;  /* 0, 1, 2, ...: the slot map that gathers every element */
+    int64_t *gradient, *error, *slot, *codes, *past, *past_error;
+} update_scratch;
+
+enum { UPDATE_ARRAYS = 7 };
+
+static void update_chunk(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
+                         const int64_t *tensor_info, const int64_t *chunk, const int64_t *seeds,
+                         const int64_t *weights, int64_t rows, int64_t pairs, int64_t gamma_fx, int feedback,
+                         int16_t *residual, int stored_residual, const qes_noise *noise, const update_scratch *s,
+                         int64_t counts[2]) {
+    const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
+    const int64_t offset = tensor_info[3 * t], f = tensor_info[3 * t + 1], code_base = tensor_info[3 * t + 2];
+    const int64_t *params = params_of(layout, f);
+    const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
+    const int64_t n = end - start;
+    const uint64_t key = tensor_keys[t];
+    const int64_t last = rows - 1;
+    int64_t *gradient = s->gradient, *error = s->error, *codes;
+    int64_t n_codes;
+    row_gradient(gradient, n, s->identity, key, start, end, seeds + last * pairs, weights + last * pairs, pairs,
+                 noise);
+    if (stored_residual) {
+        /* The sidecar keeps every code's residual, so every code decays and is stored. */
+        codes = s->identity;
+        n_codes = n;
+        for (int64_t i = 0; i < n; i++)
+            error[i] = residual[code_base + start + i];
+    } else {
+        /* With gamma <= 1 and |e| <= 1/2, a code without gradient now cannot step, so replay
+         * rebuilds the residual only where this iteration's gradient is non-zero. */
+        codes = s->codes;
+        n_codes = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (gradient[i] != 0)
+                codes[n_codes++] = i;
+        for (int64_t k = 0; k < n_codes; k++)
+            error[codes[k]] = 0;
+        if (feedback && last > 0) {
+            for (int64_t i = 0; i < n; i++)
+                s->slot[i] = -1;
+            for (int64_t k = 0; k < n_codes; k++) {
+                s->slot[codes[k]] = k;
+                s->past_error[k] = 0;
+            }
+            for (int64_t h = 0; h < last; h++) {
+                row_gradient(s->past, n_codes, s->slot, key, start, end, seeds + h * pairs, weights + h * pairs,
+                             pairs, noise);
+                for (int64_t k = 0; k < n_codes; k++)
+                    (void)feedback_step(s->past[k], &s->past_error[k], gamma_fx);
+            }
+            for (int64_t k = 0; k < n_codes; k++)
+                error[codes[k]] = s->past_error[k];
+        }
+    }
+    for (int64_t k = 0; k < n_codes; k++) {
+        const int64_t i = codes[k];
+        int64_t step;
+        if (feedback)
+            step = feedback_step(gradient[i], &error[i], gamma_fx);
+        else
+            step = floor_shift(wrap_add(gradient[i], HALF), QES_FRACTION_BITS);
+        if (step != 0) {
+            int64_t j;
+            const int64_t base = code_address(start + i, params, offset, &j);
+            const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), step);
+            if (lo <= moved && moved <= hi) {
+                write_code(buf, base, j, f, layout, moved);
+                counts[0]++;
+            } else {
+                counts[1]++;
+            }
+        }
+    }
+    if (stored_residual)
+        for (int64_t i = 0; i < n; i++)
+            residual[code_base + start + i] = (int16_t)error[i];  /* |e| <= 1/2 step = 2**14 */
+}
+
+QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
+                          const int64_t *tensor_info, const int64_t *chunks, int64_t n_chunks,
+                          const int64_t *seeds, const int64_t *weights, int64_t rows, int64_t pairs,
+                          int64_t gamma_fx, int feedback, int16_t *residual, int stored_residual,
+                          const qes_noise *noise, int64_t counts[2], int threads) {
+    const int team = team_size(threads);
+    const int64_t stride = longest_chunk(chunks, n_chunks);
+    int64_t *scratch = malloc(sizeof(int64_t) * UPDATE_ARRAYS * (size_t)stride * (size_t)team);
+    if (scratch == NULL)
+        return -1;
+    int64_t stepped = 0, blocked = 0;
+#pragma omp parallel num_threads(team) reduction(+ : stepped, blocked)
+    {
+        int64_t *mine = scratch + UPDATE_ARRAYS * stride * thread_id();
+        const update_scratch s = {mine, mine + stride, mine + 2 * stride, mine + 3 * stride, mine + 4 * stride,
+                                  mine + 5 * stride, mine + 6 * stride};
+        for (int64_t i = 0; i < stride; i++)
+            s.identity[i] = i;
+#pragma omp for schedule(dynamic)
+        for (int64_t c = 0; c < n_chunks; c++) {
+            int64_t chunk_counts[2] = {0, 0};
+            update_chunk(buf, layout, tensor_keys, tensor_info, chunks + 3 * c, seeds, weights, rows, pairs, gamma_fx,
+                         feedback, residual, stored_residual, noise, &s, chunk_counts);
+            stepped += chunk_counts[0];
+            blocked += chunk_counts[1];
+        }
+    }
+    free(scratch);
+    counts[0] = stepped;
+    counts[1] = blocked;
+    return 0;
+}

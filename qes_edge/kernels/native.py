@@ -1,0 +1,207 @@
+"""The C twin of the Numba kernels (``native/qes_kernels.c``), loaded with ctypes.
+
+The functions here take the same arguments as their Numba twins
+(:func:`~qes_edge.kernels.perturb.perturb_codes`,
+:func:`~qes_edge.kernels.update.es_update`,
+:func:`~qes_edge.kernels.noise.sample_tensor`) and give bit-identical results;
+the C code reads the numpy arrays in place.  ``threads`` defaults to what
+Numba would use: ``NUMBA_NUM_THREADS`` when set, else OpenMP's default
+(``OMP_NUM_THREADS``, else every core).
+
+:func:`select` picks the kernel set: ``QES_EDGE_KERNELS=numba|native`` forces
+one, otherwise the library is used when it was built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QesError
+from .noise import CHUNK, GUIDE_BITS
+from .update import FRACTION_BITS
+
+ABI_VERSION = 1
+LIBRARY_DIR = Path(__file__).with_name("_native")
+LIBRARY_NAME = {"win32": "qes_kernels.dll", "darwin": "libqes_kernels.dylib"}.get(sys.platform, "libqes_kernels.so")
+ENV = "QES_EDGE_KERNELS"
+
+log = logging.getLogger(__name__)
+
+_i64, _u64 = ctypes.c_int64, ctypes.c_uint64
+_ptr = ctypes.c_void_p
+
+
+class _Layout(ctypes.Structure):
+    _fields_ = [("low_byte", _ptr), ("low_shift", _ptr), ("high_byte", _ptr), ("high_shift", _ptr),
+                ("params", _ptr), ("width", _i64)]
+
+
+class _Noise(ctypes.Structure):
+    _fields_ = [("gap_tail", _ptr), ("gap_len", _i64), ("guide", _ptr), ("magnitude_tail", _ptr),
+                ("magnitude_len", _i64)]
+
+
+class NativeUnavailable(Exception):
+    """Why the native library cannot be used (not built, stale, or unloadable)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    path = LIBRARY_DIR / LIBRARY_NAME
+    if not path.is_file():
+        raise NativeUnavailable(f"{path} is not built")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load {path}: {e}") from None
+    constants = (_i64 * 5)()
+    lib.qes_constants(constants)
+    if tuple(constants[:4]) != (ABI_VERSION, CHUNK, GUIDE_BITS, FRACTION_BITS):
+        raise NativeUnavailable(f"{path} is stale (built from other sources); rebuild it")
+    lib.qes_sample_tensor.restype = _i64
+    lib.qes_sample_tensor.argtypes = [_i64, _u64, _i64, ctypes.POINTER(_Noise), _ptr, _ptr, _i64]
+    lib.qes_perturb_codes.restype = _i64
+    lib.qes_perturb_codes.argtypes = [_ptr, ctypes.POINTER(_Layout), _ptr, _ptr, _ptr, _i64, _i64,
+                                      ctypes.POINTER(_Noise), _ptr, ctypes.c_int, ctypes.c_int]
+    lib.qes_es_update.restype = ctypes.c_int
+    lib.qes_es_update.argtypes = [_ptr, ctypes.POINTER(_Layout), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64,
+                                  _i64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.POINTER(_Noise), _ptr,
+                                  ctypes.c_int]
+    lib.openmp = bool(constants[4])
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """None when the native kernels can be used, else one line saying why not."""
+    try:
+        _library()
+    except NativeUnavailable as e:
+        return str(e)
+    return None
+
+
+def select(requested: str | None = None) -> str:
+    """The kernel set to use: ``requested``, else ``$QES_EDGE_KERNELS``, else native when built."""
+    choice = (requested or os.environ.get(ENV) or "auto").strip().lower()
+    if choice not in ("auto", "native", "numba"):
+        raise QesError(f"{ENV} must be 'numba' or 'native', got {choice!r}")
+    if choice == "numba":
+        return "numba"
+    reason = unavailable_reason()
+    if reason is None:
+        return "native"
+    if choice == "native":
+        raise QesError(f"native kernels requested but unavailable: {reason} (see README, 'Native kernels')")
+    _notice_fallback(reason)
+    return "numba"
+
+
+@functools.lru_cache(maxsize=None)
+def _notice_fallback(reason: str) -> None:
+    log.warning("qes-edge: native kernels unavailable (%s); using the Numba kernels", reason)
+
+
+def default_threads() -> int:
+    """0 (OpenMP's default: OMP_NUM_THREADS, else all cores) unless NUMBA_NUM_THREADS says otherwise."""
+    try:
+        return max(0, int(os.environ.get("NUMBA_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
+
+
+def _address(array: np.ndarray, dtype, writable: bool = False) -> int:
+    """The data pointer of a C-contiguous ``dtype`` array; never a silent copy."""
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        raise TypeError(f"native kernels need a C-contiguous {np.dtype(dtype)} array, got {array.dtype}")
+    if writable and not array.flags.writeable:
+        raise ValueError("native kernels write to this array, but it is read-only")
+    return array.ctypes.data
+
+
+def _layout(layout: tuple) -> _Layout:
+    low_byte, low_shift, high_byte, high_shift, params = layout
+    tables = [_address(a, np.int64) for a in (low_byte, low_shift, high_byte, high_shift)]
+    if not low_byte.shape == low_shift.shape == high_byte.shape == high_shift.shape or params.shape[1] != 7:
+        raise ValueError("layout tables disagree in shape")
+    return _Layout(*tables, _address(params, np.int64), low_byte.shape[1])
+
+
+def _noise(gap_tail, guide, magnitude_tail) -> _Noise:
+    if guide.shape != (1 << GUIDE_BITS,):
+        raise ValueError(f"guide table must have {1 << GUIDE_BITS} entries")
+    return _Noise(_address(gap_tail, np.uint64), gap_tail.shape[0], _address(guide, np.int64),
+                  _address(magnitude_tail, np.uint64), magnitude_tail.shape[0])
+
+
+def _codes_spanned(tensor_info, chunks) -> int:
+    """One past the highest global code index the chunks reach: what gated and residual must cover."""
+    return int((tensor_info[chunks[:, 0], 2] + chunks[:, 2]).max()) if chunks.shape[0] else 0
+
+
+def _space_arrays(tensor_keys, tensor_info, chunks):
+    if tensor_info.shape[1:] != (3,) or chunks.shape[1:] != (3,) or tensor_keys.shape != tensor_info.shape[:1]:
+        raise ValueError("tensor_keys, tensor_info and chunks disagree in shape")
+    return (_address(tensor_keys, np.uint64), _address(tensor_info, np.int64), _address(chunks, np.int64),
+            chunks.shape[0])
+
+
+def sample_tensor(seed, key, n_elements, gap_tail, guide, magnitude_tail):
+    """All non-zero (element, delta) of one tensor, as :func:`qes_edge.kernels.noise.sample_tensor`."""
+    lib = _library()
+    noise = _noise(gap_tail, guide, magnitude_tail)
+    density = 1.0 - float(gap_tail[1]) / 2**64 if gap_tail.shape[0] > 1 else 1.0  # gap_tail[1] = P(delta == 0)
+    capacity = int(n_elements * density * 1.1) + 64  # one call almost always; else a second with the count
+    while True:
+        positions = np.empty(capacity, dtype=np.int64)
+        deltas = np.empty(capacity, dtype=np.int8)
+        count = lib.qes_sample_tensor(int(seed), int(key), int(n_elements), ctypes.byref(noise),
+                                      positions.ctypes.data, deltas.ctypes.data, capacity)
+        if count <= capacity:
+            return positions[:count], deltas[:count]
+        capacity = count
+
+
+def perturb_codes(buf, layout, tensor_keys, tensor_info, chunks, seed, gap_tail, guide, magnitude_tail,
+                  gated, restore, threads=None):
+    """Apply or undo the perturbation of ``seed``, as :func:`qes_edge.kernels.perturb.perturb_codes`."""
+    lib = _library()
+    if gated.shape[0] * 8 < _codes_spanned(tensor_info, chunks):
+        raise ValueError("gated has fewer bits than the space has codes")
+    layout_struct, noise = _layout(layout), _noise(gap_tail, guide, magnitude_tail)
+    changed = lib.qes_perturb_codes(_address(buf, np.uint8, True), ctypes.byref(layout_struct),
+                                    *_space_arrays(tensor_keys, tensor_info, chunks), int(seed),
+                                    ctypes.byref(noise), _address(gated, np.uint8, True), int(bool(restore)),
+                                    default_threads() if threads is None else int(threads))
+    if changed < 0:
+        raise MemoryError("native perturb_codes: cannot allocate scratch memory")
+    return changed
+
+
+def es_update(buf, layout, tensor_keys, tensor_info, chunks, seeds, weights, gamma_fx, feedback, residual,
+              stored_residual, gap_tail, guide, magnitude_tail, threads=None):
+    """One error-feedback update, as :func:`qes_edge.kernels.update.es_update`; returns (stepped, blocked)."""
+    lib = _library()
+    if seeds.ndim != 2 or seeds.shape != weights.shape or seeds.shape[0] < 1:
+        raise ValueError(f"seeds and weights must be the same [rows >= 1, pairs] shape, got {seeds.shape}, "
+                         f"{weights.shape}")
+    if stored_residual and residual.shape[0] < _codes_spanned(tensor_info, chunks):
+        raise ValueError(f"residual has {residual.shape[0]} codes, fewer than the space's")
+    layout_struct, noise = _layout(layout), _noise(gap_tail, guide, magnitude_tail)
+    counts = np.zeros(2, dtype=np.int64)
+    status = lib.qes_es_update(_address(buf, np.uint8, True), ctypes.byref(layout_struct),
+                               *_space_arrays(tensor_keys, tensor_info, chunks),
+                               _address(seeds, np.int64), _address(weights, np.int64), seeds.shape[0],
+                               seeds.shape[1], int(gamma_fx), int(bool(feedback)),
+                               _address(residual, np.int16, bool(stored_residual)), int(bool(stored_residual)),
+                               ctypes.byref(noise), counts.ctypes.data,
+                               default_threads() if threads is None else int(threads))
+    if status != 0:
+        raise MemoryError("native es_update: cannot allocate scratch memory")
+    return int(counts[0]), int(counts[1])
