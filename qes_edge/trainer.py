@@ -434,10 +434,9 @@ class _Scorer:
     def rewards(self, items: list[Item]) -> list[float]:
         prompts = [item.prompt for item in items]
         if self.task.uses_logprob:
-            answers = [item.answer for item in items]
+            answers = [self.evaluator.completion_tokens(item.answer) for item in items]
             totals = self.evaluator.logprob(prompts, answers)
-            lengths = [max(1, len(self.evaluator.tokenize_completion(a))) for a in answers]
-            return [total / n for total, n in zip(totals, lengths)]
+            return [total / max(1, len(tokens)) for total, tokens in zip(totals, answers)]
         completions = self.evaluator.generate(prompts, self.max_tokens, self.task.stop)
         return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
 

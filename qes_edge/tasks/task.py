@@ -1,0 +1,57 @@
+"""What the trainer sees of a task: items to sample from, and how to score completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qes_edge.tasks.rewards import Reward, RewardFunctionError
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str | list[dict]  # plain text or chat messages; the evaluator renders them
+    answer: str
+    meta: dict = field(default_factory=dict)  # e.g. countdown numbers and target; JSONL line
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: list[Item]  # the ES loop samples its batches from these
+    heldout: list[Item]  # fixed, never trained on
+    max_tokens: int  # default generation budget
+    stop: tuple[str, ...]
+    rule: Reward
+
+    @property
+    def uses_logprob(self) -> bool:
+        """True: the reward is the teacher-forced mean per-token log-prob of item.answer,
+        computed by the trainer; `reward()` is not called on generated text."""
+        return self.rule.uses_logprob
+
+    def reward(self, completion: str, item: Item) -> float:
+        """Shaped training reward."""
+        try:
+            return self.rule.reward(completion, item)
+        except RewardFunctionError as exc:
+            raise RewardFunctionError(f"{exc} on {self.locate(item)}") from exc.__cause__
+
+    def correct(self, completion: str, item: Item) -> bool:
+        """Verdict for held-out accuracy."""
+        try:
+            return self.rule.correct(completion, item)
+        except RewardFunctionError as exc:
+            raise RewardFunctionError(f"{exc} on {self.locate(item)}") from exc.__cause__
+
+    def locate(self, item: Item) -> str:
+        """Where an item sits, for error messages: 'train item 17 (data.jsonl line 23)'."""
+        where = "item not in this task"
+        for split, items in (("train", self.train), ("held-out", self.heldout)):
+            index = next((i for i, candidate in enumerate(items) if candidate is item), None)
+            if index is not None:
+                where = f"{split} item {index}"
+                break
+        if "line" in item.meta:
+            where += f" ({self.name} line {item.meta['line']})"
+        return where
+
