@@ -61,8 +61,8 @@ class Settings:
     population: int = 8
     batch: int = 16
     max_tokens: int | None = None
-    sigma: float = 0.02
-    alpha: float = 0.3
+    sigma: float = 0.005
+    alpha: float = 0.01
     decay: float = 0.9
     residual: str = "sidecar"
     window: int = 50
