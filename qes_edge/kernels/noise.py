@@ -98,6 +98,25 @@ def draw_delta(state, magnitude_tail, sign):
     return state, sign * magnitude
 
 
+@njit(inline="always")
+def seed_stream(seed, key, start):
+    """The stream of chunk ``start // CHUNK`` of tensor ``key`` under a signed seed: (state, sign)."""
+    seed_abs = seed if seed > 0 else -seed
+    sign = np.int64(1) if seed > 0 else np.int64(-1)
+    return stream_start(seed_abs, key, start // CHUNK), sign
+
+
+@njit(inline="always")
+def next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign):
+    """The next non-zero delta at or after ``element``: (state, element, delta); element >= end ends the chunk."""
+    state, gap = draw_gap(state, gap_tail, guide)
+    element += gap
+    if element >= end:
+        return state, element, np.int64(0)
+    state, delta = draw_delta(state, magnitude_tail, sign)
+    return state, element, delta
+
+
 @dataclass(frozen=True)
 class NoiseTable:
     """Integer tables for one sigma: the gap distribution and the magnitude distribution."""
@@ -196,23 +215,19 @@ _PI = "3.14159265358979323846264338327950288419716939937510582097494459"
 @njit(cache=True)
 def sample_tensor(seed, key, n_elements, gap_tail, guide, magnitude_tail):
     """All non-zero (element, delta) of one tensor: the readable reference for tests and tools."""
-    seed_abs = seed if seed > 0 else -seed
-    sign = np.int64(1) if seed > 0 else np.int64(-1)
     cap = 16
     positions = np.empty(cap, dtype=np.int64)
     deltas = np.empty(cap, dtype=np.int8)
     count = 0
     n_chunks = (n_elements + CHUNK - 1) // CHUNK
     for chunk in range(n_chunks):
-        state = stream_start(seed_abs, key, chunk)
         element = np.int64(chunk) * CHUNK
         end = min(element + CHUNK, n_elements)
+        state, sign = seed_stream(seed, key, element)
         while True:
-            state, gap = draw_gap(state, gap_tail, guide)
-            element += gap
+            state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
             if element >= end:
                 break
-            state, delta = draw_delta(state, magnitude_tail, sign)
             if count == cap:
                 cap *= 2
                 positions = np.concatenate((positions, np.empty(cap - count, dtype=np.int64)))

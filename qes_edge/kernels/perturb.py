@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import CHUNK, draw_delta, draw_gap, stream_start
+from .noise import next_nonzero, seed_stream
 
 
 @njit(parallel=True, cache=True)
@@ -39,20 +39,16 @@ def perturb_chunk(buf, layout, tensor_keys, tensor_info, chunk, seed, gap_tail, 
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
-    seed_abs = seed if seed > 0 else -seed
-    sign = np.int64(1) if seed > 0 else np.int64(-1)
     # Draw the chunk's deltas first, then touch memory: independent loads overlap.
     elements = np.empty(end - start, dtype=np.int64)
     deltas = np.empty(end - start, dtype=np.int64)
     count = 0
-    state = stream_start(seed_abs, tensor_keys[t], start // CHUNK)
+    state, sign = seed_stream(seed, tensor_keys[t], start)
     element = start
     while True:
-        state, gap = draw_gap(state, gap_tail, guide)
-        element += gap
+        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
         if element >= end:
             break
-        state, delta = draw_delta(state, magnitude_tail, sign)
         elements[count] = element
         deltas[count] = delta
         count += 1

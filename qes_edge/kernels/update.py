@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import CHUNK, draw_delta, draw_gap, stream_start
+from .noise import next_nonzero, seed_stream
 
 FRACTION_BITS = 15
 ONE = 1 << FRACTION_BITS
@@ -58,16 +58,12 @@ def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, m
 
     ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
     """
-    seed_abs = seed if seed > 0 else -seed
-    sign = np.int64(1) if seed > 0 else np.int64(-1)
-    state = stream_start(seed_abs, key, start // CHUNK)
+    state, sign = seed_stream(seed, key, start)
     element = start
     while True:
-        state, gap = draw_gap(state, gap_tail, guide)
-        element += gap
+        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
         if element >= end:
             break
-        state, delta = draw_delta(state, magnitude_tail, sign)
         k = slot[element - start]
         if k >= 0:
             gradient[k] += weight * delta
