@@ -241,24 +241,7 @@ def test_a_stale_library_is_refused(monkeypatch, tmp_path, fresh_selection):
 
 # ---- a whole training run --------------------------------------------------------------------------
 
-REWARD = '''
-def score(completion, item):
-    """A reward that changes whenever the text does: candidates disagree, so codes move."""
-    return (sum(map(ord, completion)) % 97) / 97.0
-'''
-
-TINY = ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
-        "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "2"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("native-cli")
-    (root / "rewards_for_native_tests.py").write_text(REWARD)
-    lines = [{"messages": [{"role": "user", "content": f"Name a colour number {i}."}], "answer": "red"}
-             for i in range(8)]
-    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root
+from test_cli import TINY, workspace  # noqa: E402,F401 - the CLI tests' dataset, reward file and settings
 
 
 @needs_native
@@ -272,7 +255,7 @@ def test_training_gives_the_same_gguf_with_either_kernel_set(workspace, default_
         out = tmp_path / f"{kernels}.gguf"
         result = CliRunner().invoke(cli, [
             "train", str(default_model), "--task", str(workspace / "data.jsonl"),
-            "--reward", f"{workspace / 'rewards_for_native_tests.py'}:score", *TINY,
+            "--reward", f"{workspace / 'rewards_for_tests.py'}:score", *TINY,
             "--run-dir", str(tmp_path / kernels), "--out", str(out)])
         assert result.exit_code == 0, result.output
         digests[kernels] = hashlib.sha256(Path(out).read_bytes()).hexdigest()
