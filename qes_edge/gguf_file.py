@@ -24,6 +24,7 @@ tensor aligned and packed in table order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import math
@@ -33,7 +34,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO, Iterable, Iterator, Union
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -165,8 +166,7 @@ def make_working_copy(source: os.PathLike | str, dest: os.PathLike | str) -> Pat
     source, dest = Path(source), Path(dest)
     if _same_file(source, dest):
         raise QesError(f"refusing to use {source} as its own working copy")
-    tmp = dest.with_name(dest.name + ".tmp")
-    try:
+    with atomic_output(dest, f"cannot copy {source} to {dest}") as tmp:
         size = source.stat().st_size
         dest.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dest.parent).free
@@ -176,14 +176,29 @@ def make_working_copy(source: os.PathLike | str, dest: os.PathLike | str) -> Pat
         _fsync(tmp)
         if tmp.stat().st_size != size:
             raise QesError(f"copying {source} gave {tmp.stat().st_size:,} bytes, expected {size:,}")
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_output(dest: os.PathLike | str, failure: str) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest`` to write; it becomes ``dest`` only if the block succeeds.
+
+    On any failure the temporary file is removed and ``dest`` is untouched; an
+    OSError (full disk, read-only destination) becomes one QesError line
+    starting with ``failure``.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
         os.replace(tmp, dest)
+        _fsync(dest.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise QesError(f"cannot copy {source} to {dest}: {_describe(e)}") from None
+        raise QesError(f"{failure}: {_describe(e)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return dest
 
 
 def tensor_views(
@@ -229,21 +244,12 @@ def export_model(
         raise QesError(f"cannot export to {out}: it is a directory")
     added = {_provenance_key(k): _metadata_record(_provenance_key(k), v) for k, v in provenance.items()}
     header = _scan(working_copy)
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    try:
+    with atomic_output(out, f"cannot write {out}") as tmp:
         with open(working_copy, "rb") as src, open(tmp, "wb") as dst:
             _write_spliced(src, dst, header, added)
             dst.flush()
             os.fsync(dst.fileno())
         _check_export(tmp, header, added)
-        os.replace(tmp, out)
-        _fsync(out.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise QesError(f"cannot write {out}: {_describe(e)}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def file_sha256(path: os.PathLike | str) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from .errors import QesError
 from .evaluator import Evaluator
-from .gguf_file import ModelFile, export_model, file_sha256, make_working_copy, open_model
+from .gguf_file import ModelFile, atomic_output, export_model, file_sha256, make_working_copy, open_model
 from .kernels import SCHEME, CodeSpace, TensorSlot, to_fixed
 from .residual import NoResidual, ReplayResidual, SidecarResidual
 from .tasks import Item, Task, accuracy_with_stderr, load_task, mean_with_stderr
@@ -488,16 +488,11 @@ def _accuracy(heldout: dict | None):
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_output(path, f"cannot write {path}") as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise QesError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _free_bytes(path: Path) -> int:
