@@ -10,11 +10,14 @@ from pathlib import Path
 import click
 
 from .errors import QesError
+from .settings import Settings
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+DEFAULTS = Settings()  # the CLI shows and uses the library's defaults
 
 
 class _UserErrors(click.Group):
@@ -63,24 +66,24 @@ def _load_config(ctx, param, value):
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with the same keys as these options.")
-@click.option("--task", default="arithmetic", show_default=True, help="Built-in task (arithmetic, countdown) or a JSONL file.")
+@click.option("--task", default=DEFAULTS.task, show_default=True, help="Built-in task (arithmetic, countdown) or a JSONL file.")
 @click.option("--reward", default=None, help="exact, contains, regex, numeric, logprob, or module:function.")
-@click.option("--iterations", default=40, show_default=True, type=int)
-@click.option("--population", default=8, show_default=True, type=int, help="Candidates per iteration (even: mirrored pairs).")
-@click.option("--batch", default=16, show_default=True, type=int, help="Prompts each candidate is scored on.")
+@click.option("--iterations", default=DEFAULTS.iterations, show_default=True, type=int)
+@click.option("--population", default=DEFAULTS.population, show_default=True, type=int, help="Candidates per iteration (even: mirrored pairs).")
+@click.option("--batch", default=DEFAULTS.batch, show_default=True, type=int, help="Prompts each candidate is scored on.")
 @click.option("--max-tokens", default=None, type=int, help="Generation budget (default: the task's).")
-@click.option("--sigma", default=0.005, show_default=True, type=float, help="Perturbation scale, in code steps.")
-@click.option("--alpha", default=0.01, show_default=True, type=float, help="Learning rate, in code steps.")
-@click.option("--decay", default=0.9, show_default=True, type=float, help="Residual decay gamma.")
-@click.option("--residual", default="sidecar", show_default=True, type=click.Choice(["sidecar", "replay"]))
-@click.option("--window", default=50, show_default=True, type=int, help="Replay window K (iterations).")
+@click.option("--sigma", default=DEFAULTS.sigma, show_default=True, type=float, help="Perturbation scale, in code steps.")
+@click.option("--alpha", default=DEFAULTS.alpha, show_default=True, type=float, help="Learning rate, in code steps.")
+@click.option("--decay", default=DEFAULTS.decay, show_default=True, type=float, help="Residual decay gamma.")
+@click.option("--residual", default=DEFAULTS.residual, show_default=True, type=click.Choice(["sidecar", "replay"]))
+@click.option("--window", default=DEFAULTS.window, show_default=True, type=int, help="Replay window K (iterations).")
 @click.option("--no-error-feedback", is_flag=True, help="Plain round(alpha*g): the paper's control.")
-@click.option("--shaping", default="zscore", show_default=True, type=click.Choice(["zscore", "rank"]))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--heldout", default=64, show_default=True, type=int, help="Held-out items for accuracy.")
+@click.option("--shaping", default=DEFAULTS.shaping, show_default=True, type=click.Choice(["zscore", "rank"]))
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
+@click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int, help="Held-out items for accuracy.")
 @click.option("--train-embeddings", is_flag=True, help="Also train the token embedding matrix.")
 @click.option("--threads", default=None, type=int, help="llama.cpp threads (default: physical cores).")
-@click.option("--eval-every", default=10, show_default=True, type=int, help="Held-out evaluation period.")
+@click.option("--eval-every", default=DEFAULTS.eval_every, show_default=True, type=int, help="Held-out evaluation period.")
 @click.option("--run-dir", default=None, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Tuned GGUF (default: RUN_DIR/<model>.qes.gguf).")
@@ -91,7 +94,7 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
     """Fine-tune MODEL (default: SmolLM2-135M-Instruct Q4_1) on a task; write a tuned GGUF."""
     from .gguf_file import default_model_path
     from .report import plot_run, summary_lines
-    from .trainer import Run, Settings
+    from .trainer import Run
 
     settings = Settings(task=task, reward=reward, iterations=iterations, population=population, batch=batch,
                         max_tokens=max_tokens, sigma=sigma, alpha=alpha, decay=decay, residual=residual,
@@ -161,9 +164,9 @@ def export(run_dir, out, ollama):
 
 @cli.command(name="eval")
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--task", default="arithmetic", show_default=True)
+@click.option("--task", default=DEFAULTS.task, show_default=True)
 @click.option("--reward", default=None)
-@click.option("--heldout", default=64, show_default=True, type=int)
+@click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int)
 @click.option("--max-tokens", default=None, type=int)
 @click.option("--seed", default=0, show_default=True, type=int, help="Task seed (the split a run used).")
 @click.option("--threads", default=None, type=int)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .gguf_file import ModelFile
+from .tasks import mean_with_stderr
 
 
 def plot_run(run_dir: Path) -> Path | None:
@@ -51,6 +52,11 @@ def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
                      f"{evals[-1]['iteration']}), n={last['n']}")
         lines.append(f"held-out reward:   {first['reward']:.3f} ± {first['reward_se']:.3f} -> "
                      f"{last['reward']:.3f} ± {last['reward_se']:.3f}")
+        if len(evals) > 1 and "correct" in first and "correct" in last:
+            change, change_se = mean_with_stderr(b - a for a, b in zip(first["correct"], last["correct"]))
+            significance = f", {change / change_se:+.1f} SE" if change_se > 0 else ""
+            lines.append(f"change:            {change:+.3f} ± {change_se:.3f} (paired over the same "
+                         f"{last['n']} items{significance})")
     state = "finished" if result["completed"] else "stopped (continue with --resume)"
     lines.append(f"{state} at iteration {result['iteration']} in {result['seconds'] / 60:.1f} min")
     lines.append(f"tuned model: {out}")
