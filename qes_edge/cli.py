@@ -78,7 +78,8 @@ def _load_config(ctx, param, value):
 @click.option("--residual", default=DEFAULTS.residual, show_default=True, type=click.Choice(["sidecar", "replay"]))
 @click.option("--window", default=DEFAULTS.window, show_default=True, type=int, help="Replay window K (iterations).")
 @click.option("--no-error-feedback", is_flag=True, help="Plain round(alpha*g): the paper's control.")
-@click.option("--shaping", default=DEFAULTS.shaping, show_default=True, type=click.Choice(["zscore", "rank"]))
+@click.option("--shaping", default=DEFAULTS.shaping, show_default=True, type=click.Choice(["tscore", "zscore", "rank"]),
+              help="How rewards become pair coefficients (see README).")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
 @click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int, help="Held-out items for accuracy.")
 @click.option("--train-embeddings", is_flag=True, help="Also train the token embedding matrix.")

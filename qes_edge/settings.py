@@ -51,8 +51,10 @@ class Settings:
             raise QesError(f"--decay must be in [0, 1], got {self.decay}")
         if self.residual not in ("sidecar", "replay"):
             raise QesError(f"--residual must be sidecar or replay, got {self.residual}")
-        if self.shaping not in ("zscore", "rank"):
-            raise QesError(f"--shaping must be zscore or rank, got {self.shaping}")
+        if self.shaping not in ("tscore", "zscore", "rank"):
+            raise QesError(f"--shaping must be tscore, zscore or rank, got {self.shaping}")
+        if self.shaping == "tscore" and self.batch < 2:
+            raise QesError("--shaping tscore needs --batch 2 or more (it weighs each pair by its standard error)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise QesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.window < 0:

@@ -69,12 +69,18 @@ def iteration_batch(task: Task, seed: int, iteration: int, size: int) -> list[It
     return rng.sample(task.train, size)
 
 
-def shape_rewards(plus: list[float], minus: list[float], shaping: str) -> list[float]:
-    """Per-pair coefficient c(+s) - c(-s) from the candidates' mean rewards.
+def shape_rewards(plus: list[list[float]], minus: list[list[float]], shaping: str) -> list[float]:
+    """Per-pair coefficient c(+s) - c(-s) from the candidates' per-prompt rewards.
 
-    zscore: the mirrored differences over their root mean square, clipped to +-3
+    tscore: each pair's mean per-prompt difference over its standard error, halved
+    and clipped to +-3, so a pair counts as much as its evidence: c = 1 at two
+    standard errors, and a difference the batch cannot tell from noise moves little;
+    zscore: the pairs' mean differences over their root mean square, clipped to +-3
     (no signal, no step); rank: centred ranks of all candidates in [-1/2, 1/2].
     """
+    if shaping == "tscore":
+        return [_half_t(a, b) for a, b in zip(plus, minus)]
+    plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]
     if shaping == "rank":
         everything = plus + minus
         order = sorted(range(len(everything)), key=lambda i: everything[i])
@@ -94,6 +100,20 @@ def shape_rewards(plus: list[float], minus: list[float], shaping: str) -> list[f
     if rms == 0:
         return [0.0] * len(differences)
     return [max(-3.0, min(3.0, d / rms)) for d in differences]
+
+
+def _mean(rewards: list[float]) -> float:
+    return math.fsum(rewards) / len(rewards)
+
+
+def _half_t(plus: list[float], minus: list[float]) -> float:
+    """Half the paired t statistic of (plus - minus) over the batch, clipped to +-3."""
+    differences = [a - b for a, b in zip(plus, minus)]
+    mean = _mean(differences)
+    spread = math.fsum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    if spread == 0:  # every prompt moved the same way, or none moved
+        return math.copysign(3.0, mean) if mean else 0.0
+    return max(-3.0, min(3.0, mean / math.sqrt(spread / len(differences)) / 2))
 
 
 def pair_weights(coefficients: list[float], alpha: float, sigma: float, population: int) -> np.ndarray:
@@ -296,7 +316,7 @@ class Run:
                             for sign in (1, -1):
                                 space.perturb(sign * int(seed))
                                 try:
-                                    rewards[p, sign] = score.mean_reward(batch)
+                                    rewards[p, sign] = score.rewards(batch)
                                 finally:
                                     space.restore(sign * int(seed))
                             if stop.requested:
@@ -311,6 +331,7 @@ class Run:
                     plus = [rewards[p, 1] for p in range(pairs)]
                     minus = [rewards[p, -1] for p in range(pairs)]
                     weights = pair_weights(shape_rewards(plus, minus, s.shaping), s.alpha, s.sigma, s.population)
+                    plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]
                     self.history.append((seeds, weights))
                     stepped, blocked = store.update(space, self.history, s.decay)
                     buf.flush()
@@ -389,9 +410,6 @@ class _Scorer:
             return [total / max(1, len(tokens)) for total, tokens in zip(totals, answers)]
         completions = self.evaluator.generate(prompts, self.max_tokens, self.task.stop)
         return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
-
-    def mean_reward(self, items: list[Item]) -> float:
-        return math.fsum(self.rewards(items)) / len(items)
 
     def heldout(self) -> dict:
         items = self.task.heldout
