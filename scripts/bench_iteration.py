@@ -1,0 +1,255 @@
+"""Where an iteration's time goes, and whether training runs at inference-level memory.
+
+    python scripts/bench_iteration.py [MODEL.gguf] [--iterations 3] [--quick] [--json bench_iteration.json]
+
+Time: a real training run with the default settings (`qes_edge.settings.Settings`,
+overridable), timed from outside the loop by wrapping the pieces it calls:
+llama.cpp inference (`_Scorer.rewards`: batched generation and the reward),
+and everything QES adds (perturb, restore, the update, checkpoint and metrics
+writes).  The held-out evaluations are reporting, not training, and are left
+out of the iteration time (shown on their own line).
+
+Memory: three fresh processes on the same model, prompts and evaluator:
+inference only (every candidate's prompts scored on the unperturbed model),
+training with the sidecar residual, training with the replay residual.  Each
+reports its peak RSS (ru_maxrss) and, sampled after every candidate, its peak
+proportional set size (PSS, from /proc/self/smaps_rollup).  RSS counts a
+shared page once per mapping, and training maps the working copy twice (by
+llama.cpp and by numpy), so PSS — physical memory, shared pages split among
+their users — is the fairer figure; both are printed.  The sidecar's pages
+are file-backed (page cache) and count while mapped.
+
+Prints a table, writes JSON (--json) and a PNG (--png), and prints the JSON as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from qes_edge.gguf_file import default_model_path
+from qes_edge.settings import Settings
+
+OVERRIDABLE = ("iterations", "population", "batch", "sigma", "alpha", "threads", "heldout")
+
+
+def pss_mb() -> float:
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Clock:
+    """Wall time per named piece, collected by wrapping methods on their classes."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+
+    def wrap(self, owner, method: str, name: str) -> None:
+        original = getattr(owner, method)
+        clock = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                clock.seconds[name] += time.perf_counter() - start
+                clock.calls[name] += 1
+
+        setattr(owner, method, timed)
+
+
+def settings_from(args) -> Settings:
+    given = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None}
+    return Settings(eval_every=10 ** 6, **given)
+
+
+def time_breakdown(model: Path, settings: Settings) -> dict:
+    from qes_edge import trainer
+    from qes_edge.kernels import CodeSpace
+    from qes_edge.residual import ReplayResidual, SidecarResidual
+
+    clock = Clock()
+    clock.wrap(trainer._Scorer, "rewards", "inference")
+    clock.wrap(trainer._Scorer, "heldout", "held-out evaluation")
+    clock.wrap(CodeSpace, "perturb", "perturb")
+    clock.wrap(CodeSpace, "restore", "restore")
+    clock.wrap(SidecarResidual, "update", "update")
+    clock.wrap(ReplayResidual, "update", "update")
+    clock.wrap(trainer.Run, "save", "checkpoint")
+    clock.wrap(trainer, "_append_metrics", "metrics")
+    with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
+        run = trainer.Run.create(Path(tmp) / "run", model, settings)
+        started = time.perf_counter()
+        run.train()
+        total = time.perf_counter() - started
+        run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
+    n = settings.iterations
+    seconds = dict(clock.seconds)
+    heldout = seconds.pop("held-out evaluation", 0.0)
+    # heldout() generates on its own (rewards() only for log-prob tasks), so inference is the candidates'.
+    iteration = (total - heldout) / n
+    inference = seconds["inference"] / n
+    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "checkpoint", "metrics")}
+    other = iteration - inference - sum(qes.values())
+    return {"iteration_s": iteration, "inference_s": inference, "qes_s": qes, "other_s": other,
+            "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]),
+            "qes_overhead_fraction": sum(qes.values()) / iteration, "run_dir_files": run_dir_files}
+
+
+# ---- memory: each measurement in its own process ----------------------------------------------
+
+def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
+    """Run in a child process: peak RSS and PSS of inference only, or of training with a residual store."""
+    from qes_edge import trainer
+    from qes_edge.evaluator import Evaluator
+    from qes_edge.gguf_file import make_working_copy
+    from qes_edge.tasks import load_task
+
+    peak_pss = 0.0
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) \
+            as tmp:
+        if mode == "infer":
+            live = make_working_copy(model, Path(tmp) / "live.gguf")
+            task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
+            with Evaluator(live, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
+                scorer = trainer._Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
+                for t in range(settings.iterations):
+                    batch = trainer.iteration_batch(task, settings.seed, t, settings.batch)
+                    for _ in range(settings.population):
+                        scorer.rewards(batch)
+                        peak_pss = max(peak_pss, pss_mb())
+            sidecar_bytes = 0
+        else:
+            original = trainer._Scorer.rewards
+
+            def sampled(self, items):
+                nonlocal peak_pss
+                result = original(self, items)
+                peak_pss = max(peak_pss, pss_mb())
+                return result
+
+            trainer._Scorer.rewards = sampled
+            store = mode.removeprefix("train-")
+            run_dir = Path(tmp) / "run"
+            run = trainer.Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
+            run.train(on_progress=lambda p: None)
+            peak_pss = max(peak_pss, pss_mb())
+            sidecar = run_dir / "residual.bin"
+            sidecar_bytes = sidecar.stat().st_size if sidecar.exists() else 0
+    return {"peak_rss_mb": peak_rss_mb(), "peak_pss_mb": peak_pss, "sidecar_bytes": sidecar_bytes}
+
+
+def memory_in_child(mode: str, args) -> dict:
+    command = [sys.executable, __file__, str(args.model), "--memory-child", mode]
+    for key in OVERRIDABLE:
+        if getattr(args, key) is not None:
+            command += [f"--{key}", str(getattr(args, key))]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    pieces = {"inference": result["inference_s"], **result["qes_s"], "other": max(0.0, result["other_s"])}
+    time_axis.bar(list(pieces), list(pieces.values()), color=["tab:blue"] + ["tab:orange"] * 5 + ["tab:gray"])
+    time_axis.set_yscale("log")
+    time_axis.set_ylabel("seconds per iteration (log)")
+    time_axis.set_title(f"QES adds {100 * result['qes_overhead_fraction']:.2f}% to an iteration")
+    time_axis.tick_params(axis="x", rotation=30)
+    modes = list(result["memory"])
+    memory_axis.bar([m + " RSS" for m in modes], [result["memory"][m]["peak_rss_mb"] for m in modes], color="tab:blue")
+    memory_axis.bar([m + " PSS" for m in modes], [result["memory"][m]["peak_pss_mb"] for m in modes],
+                    color="tab:green")
+    memory_axis.set_ylabel("peak MB")
+    memory_axis.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", type=Path, default=None)
+    for key in OVERRIDABLE:
+        parser.add_argument(f"--{key}", type=type(getattr(Settings(), key) or 0), default=None)
+    parser.add_argument("--quick", action="store_true", help="2 iterations, population 2, batch 8 (under a minute on a quiet machine)")
+    parser.add_argument("--json", type=Path, default=Path("bench_iteration.json"))
+    parser.add_argument("--png", type=Path, default=Path("bench_iteration.png"))
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or default_model_path()
+    if args.quick:
+        for key, value in (("iterations", 2), ("population", 2), ("batch", 8), ("heldout", 8)):
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if args.iterations is None:
+        args.iterations = 3
+    settings = settings_from(args)
+    if args.memory_child:
+        print(json.dumps(measure_memory(args.memory_child, args.model, settings)))
+        return
+
+    load = os.getloadavg()[0]
+    result = time_breakdown(args.model, settings)
+    result["memory"] = {mode: memory_in_child(mode, args) for mode in ("infer", "train-sidecar", "train-replay")}
+    memory = result["memory"]
+    result.update({
+        "peak_rss_infer_mb": memory["infer"]["peak_rss_mb"],
+        "peak_rss_train_mb": {store: memory[f"train-{store}"]["peak_rss_mb"] for store in ("sidecar", "replay")},
+        "peak_pss_infer_mb": memory["infer"]["peak_pss_mb"],
+        "peak_pss_train_mb": {store: memory[f"train-{store}"]["peak_pss_mb"] for store in ("sidecar", "replay")},
+        "sidecar_file_bytes": memory["train-sidecar"]["sidecar_bytes"],
+        "settings": {k: getattr(settings, k) for k in OVERRIDABLE},
+        "model": str(args.model), "load_average": round(load, 2), "quick": args.quick,
+    })
+    del result["run_dir_files"]
+
+    print(f"{settings.iterations} iterations, population {settings.population}, batch {settings.batch}, "
+          f"sigma {settings.sigma}, alpha {settings.alpha}; load average {load:.2f}")
+    print(f"{'piece':<24} {'s / iteration':>14} {'share':>8}")
+    rows = [("llama.cpp inference", result["inference_s"])] + \
+           [(f"QES: {k}", v) for k, v in result["qes_s"].items()] + [("other (Python, shaping)", result["other_s"])]
+    for name, value in rows:
+        print(f"{name:<24} {value:>14.4f} {100 * value / result['iteration_s']:>7.2f}%")
+    print(f"{'iteration':<24} {result['iteration_s']:>14.3f}")
+    print(f"QES overhead: {100 * result['qes_overhead_fraction']:.2f}% (target <= 2%); "
+          f"held-out evaluation, per evaluation: {result['heldout_eval_s']:.1f} s")
+    print(f"{'memory':<24} {'peak RSS MB':>12} {'peak PSS MB':>12} {'x inference (PSS)':>18}")
+    for mode, figures in memory.items():
+        ratio = figures["peak_pss_mb"] / memory["infer"]["peak_pss_mb"]
+        print(f"{mode:<24} {figures['peak_rss_mb']:>12.0f} {figures['peak_pss_mb']:>12.0f} {ratio:>18.2f}")
+    print(f"sidecar file: {result['sidecar_file_bytes'] / 2**20:.0f} MiB on disk")
+    args.json.write_text(json.dumps(result, indent=1))
+    plot(result, args.png)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
