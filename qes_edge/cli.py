@@ -140,6 +140,8 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
         bar.close()
         plot_run(run.run_dir)
     run.export(out)
+    if result["completed"]:
+        run.release_live()  # 100+ MB of RAM on /dev/shm; export or --resume rebuild it when needed
     for line in summary_lines(run.run_dir, result, out):
         click.echo(line)
 

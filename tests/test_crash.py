@@ -1,0 +1,113 @@
+"""Crash and resume: SIGKILL a real training run anywhere, resume it, get the uninterrupted run's bytes.
+
+Run alone with ``pytest -m crash``.  Each trial starts `python -m qes_edge train`
+as a subprocess and kills it with SIGKILL, either at a named point
+(``QES_EDGE_CRASH_AT``, see qes_edge/faults.py: while perturbed, after scoring a
+candidate, inside and after the update, between writing a checkpoint file and
+renaming it, between writing the exported GGUF and renaming it) or after a
+random delay.  Then ``--resume`` (or, when the kill came before the run
+directory held a checkpoint, the same command again) must finish with an output
+GGUF whose sha256 is the uninterrupted run's, and the source model's sha256
+must never change.  The trials are drawn from a seeded RNG, so a failure
+reproduces.
+"""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qes_edge.faults import POINTS
+
+pytestmark = pytest.mark.crash
+
+SETTINGS = ["--iterations", "3", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
+            "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "1", "--seed", "7"]
+POINT_TRIALS = 2  # per crash point
+TIMED_TRIALS = 10
+RNG_SEED = 20261123
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def qes_edge(args: list[str], crash_at: str | None = None, kill_after: float | None = None):
+    env = {k: v for k, v in os.environ.items() if k != "QES_EDGE_CRASH_AT"}
+    if crash_at:
+        env["QES_EDGE_CRASH_AT"] = crash_at
+    process = subprocess.Popen([sys.executable, "-m", "qes_edge", *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    if kill_after is not None:
+        try:
+            process.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+    output, _ = process.communicate(timeout=600)
+    return process.returncode, output
+
+
+def train_command(model: Path, run_dir: Path, out: Path) -> list[str]:
+    return ["train", str(model), *SETTINGS, "--run-dir", str(run_dir), "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(default_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    started = time.perf_counter()
+    code, output = qes_edge(train_command(default_model, root / "run", root / "tuned.gguf"))
+    assert code == 0, output
+    return sha256(root / "tuned.gguf"), time.perf_counter() - started
+
+
+def trials() -> list[tuple[str, str | None, float | None]]:
+    rng = random.Random(RNG_SEED)
+    # How often each point is reached in the run above: 3 iterations x 2 candidates; the sidecar
+    # update has a point inside and one after; checkpoints: metrics truncation + 1 + 3 state saves.
+    reached = {"perturb": 6, "evaluate": 6, "update": 6, "checkpoint": 5, "export": 1}
+    planned = [(f"{point}:{rng.randint(1, reached[point])}", f"{point}", None)
+               for point in POINTS for _ in range(POINT_TRIALS)]
+    planned += [(f"timed:{i}", None, rng.random()) for i in range(TIMED_TRIALS)]
+    return planned
+
+
+@pytest.mark.parametrize("label, point, fraction", trials(), ids=[t[0] for t in trials()])
+def test_killed_run_resumes_to_the_same_bytes(label, point, fraction, uninterrupted, default_model, tmp_path):
+    expected, seconds = uninterrupted
+    source_before = sha256(default_model)
+    run_dir, out = tmp_path / "run", tmp_path / "tuned.gguf"
+    command = train_command(default_model, run_dir, out)
+    if point:
+        code, output = qes_edge(command, crash_at=label)
+        assert code == -signal.SIGKILL, f"the run was not killed at {label}:\n{output}"
+    else:
+        code, output = qes_edge(command, kill_after=1.0 + fraction * seconds)
+        assert code in (0, -signal.SIGKILL), output
+
+    if (run_dir / "state.json").exists():
+        code, output = qes_edge(["train", "--resume", str(run_dir), "--out", str(out)])
+    else:  # killed before the first checkpoint: the user runs the same command again
+        code, output = qes_edge(command)
+    assert code == 0, output
+    assert sha256(out) == expected
+    assert sha256(default_model) == source_before
+    assert not list(tmp_path.glob("tuned.gguf.tmp*")), "a killed export left its temporary file behind"
+
+
+def test_a_finished_run_releases_its_working_copy(uninterrupted, default_model, tmp_path):
+    import json
+
+    run_dir = tmp_path / "run"
+    code, output = qes_edge(train_command(default_model, run_dir, tmp_path / "a.gguf"))
+    assert code == 0, output
+    assert json.loads((run_dir / "state.json").read_text())["live"] is None
+    code, output = qes_edge(["export", str(run_dir), "--out", str(tmp_path / "b.gguf")])
+    assert code == 0, output
+    assert sha256(tmp_path / "a.gguf") == sha256(tmp_path / "b.gguf") == uninterrupted[0]
+    assert json.loads((run_dir / "state.json").read_text())["live"] is None  # rebuilt in a temporary place
