@@ -27,7 +27,7 @@ class Settings:
     residual: str = "sidecar"
     window: int = 50
     error_feedback: bool = True
-    shaping: str = "zscore"
+    shaping: str = "tscore"
     seed: int = 0
     heldout: int = 128
     train_embeddings: bool = False
