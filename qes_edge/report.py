@@ -32,8 +32,8 @@ def plot_run(run_dir: Path) -> Path | None:
                            yerr=[m["heldout"]["accuracy_se"] for m in evals], color="tab:orange", marker="o",
                            capsize=3, label="held-out accuracy ± SE")
     accuracy_axis.set_ylabel("held-out accuracy", color="tab:orange")
-    fig.legend(loc="lower right")
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = Path(run_dir) / "reward_curve.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
