@@ -233,7 +233,7 @@ def tensor_views(
     views = []
     for t in tensors:
         if t.offset + t.n_bytes > live.size:
-            raise QesError(f"{working_copy}: tensor '{t.name}' ends past the end of the file; wrong working copy?")
+            raise QesError(f"{working_copy}: tensor '{_shown(t.name)}' ends past the end of the file; wrong working copy?")
         views.append(live[t.offset : t.offset + t.n_bytes])
     return live, views
 
@@ -310,6 +310,12 @@ def _frozen_reason(name: str, ggml_type: GGMLQuantizationType, shape: tuple[int,
 
 
 # --- reading the header ----------------------------------------------------
+
+
+def _shown(name: str, limit: int = 64) -> str:
+    """A name read from a possibly damaged file, safe for a one-line message: printable and short."""
+    printable = "".join(ch if ch.isprintable() else "?" for ch in name)
+    return printable if len(printable) <= limit else printable[:limit] + "..."
 
 
 class _Corrupt(Exception):
@@ -469,7 +475,7 @@ def _read_record(cursor: _Cursor) -> _Record:
     try:
         value_type = GGUFValueType(value_type)
     except ValueError:
-        raise _Corrupt(f"metadata '{key}' has unknown value type {value_type}") from None
+        raise _Corrupt(f"metadata '{_shown(key)}' has unknown value type {value_type}") from None
     value = cursor.value(value_type)
     return _Record(key, value_type, value, start, cursor.pos)
 
@@ -490,7 +496,7 @@ def _read_table_entry(cursor: _Cursor) -> _TableEntry:
     name = cursor.string()
     n_dims = cursor.scalar("<I")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise _Corrupt(f"tensor '{name}' has {n_dims} dimensions")
+        raise _Corrupt(f"tensor '{_shown(name)}' has {n_dims} dimensions")
     shape = tuple(cursor.scalar("<Q") for _ in range(n_dims))
     raw_type = cursor.scalar("<I")
     relative_offset = cursor.scalar("<Q")
@@ -498,9 +504,9 @@ def _read_table_entry(cursor: _Cursor) -> _TableEntry:
         ggml_type = GGMLQuantizationType(raw_type)
         block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
     except (ValueError, KeyError):
-        raise _Corrupt(f"tensor '{name}' has unknown type {raw_type}") from None
+        raise _Corrupt(f"tensor '{_shown(name)}' has unknown type {raw_type}") from None
     if shape[0] % block_elems:
-        raise _Corrupt(f"tensor '{name}': rows of {shape[0]} are not whole {ggml_type.name} blocks")
+        raise _Corrupt(f"tensor '{_shown(name)}': rows of {shape[0]} are not whole {ggml_type.name} blocks")
     n_elements = math.prod(shape)
     return _TableEntry(name, ggml_type, shape, relative_offset, n_elements, n_elements // block_elems * block_bytes)
 
@@ -511,12 +517,12 @@ def _check_tensor_layout(tensors: list[_TableEntry], alignment: int, data_offset
     expected = 0
     for t in tensors:
         if t.name in names:
-            raise _Corrupt(f"tensor '{t.name}' appears twice")
+            raise _Corrupt(f"tensor '{_shown(t.name)}' appears twice")
         names.add(t.name)
         if t.relative_offset != expected:
-            raise _Corrupt(f"tensor '{t.name}' at data offset {t.relative_offset:,}, expected {expected:,}")
+            raise _Corrupt(f"tensor '{_shown(t.name)}' at data offset {t.relative_offset:,}, expected {expected:,}")
         if data_offset + t.relative_offset + t.n_bytes > size:
-            raise _PastEnd(data_offset + t.relative_offset + t.n_bytes, f"tensor '{t.name}'")
+            raise _PastEnd(data_offset + t.relative_offset + t.n_bytes, f"tensor '{_shown(t.name)}'")
         expected += _pad(t.n_bytes, alignment)
     if tensors and size > data_offset + expected:
         raise _Corrupt(f"{size - data_offset - expected:,} bytes after the last tensor (tensor count or table damaged)")
