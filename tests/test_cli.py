@@ -196,3 +196,16 @@ def test_eval_reports_accuracy_with_standard_error(default_model):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["n"] == 4 and 0 <= report["accuracy"] <= 1 and report["accuracy_se"] >= 0
+
+
+def test_the_thread_count_does_not_change_the_bytes(workspace, default_model, tmp_path):
+    # llama.cpp splits each matrix product by rows, so every logit is summed in the same order
+    # whatever the thread count; the kernels split by 8192-code chunks (tests/test_native.py).
+    outputs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"threads{threads}.gguf"
+        args = [*TINY[:-2], "--threads", threads, "--run-dir", str(tmp_path / threads), "--out", str(out)]
+        result = train(workspace, str(default_model), *args)
+        assert result.exit_code == 0, result.output
+        outputs.append(sha256(out))
+    assert outputs[0] == outputs[1]
