@@ -169,6 +169,27 @@ def test_resume_refuses_settings_that_change_the_result(workspace, default_model
     assert "--sigma" in message
 
 
+def test_resume_refuses_a_run_of_another_version_or_a_changed_model(workspace, default_model, tmp_path):
+    source = tmp_path / "model.gguf"
+    shutil.copyfile(default_model, source)
+    for name in ("old", "moved"):
+        assert train(workspace, str(source), "--iterations", "1", *TINY[2:],
+                     "--run-dir", str(tmp_path / name)).exit_code == 0
+    state_path = tmp_path / "old" / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "version": 99}))
+    message = one_line_error(CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "old"),
+                                                       "--iterations", "2"]))
+    assert "incompatible" in message
+
+    with open(source, "r+b") as f:  # the base model changed under the run: its updates cannot be replayed
+        f.seek(-1, 2)
+        f.write(b"\x01")
+    message = one_line_error(CliRunner().invoke(cli, ["export", str(tmp_path / "moved"),
+                                                       "--out", str(tmp_path / "x.gguf")]))
+    assert "changed" in message and not (tmp_path / "x.gguf").exists()
+
+
 def test_export_to_an_unwritable_place_keeps_the_run(workspace, default_model, tmp_path):
     assert train(workspace, str(default_model), "--iterations", "1", *TINY[2:], "--run-dir",
                  str(tmp_path / "run"), "--out", str(tmp_path / "first.gguf")).exit_code == 0
