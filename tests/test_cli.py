@@ -230,3 +230,10 @@ def test_the_thread_count_does_not_change_the_bytes(workspace, default_model, tm
         assert result.exit_code == 0, result.output
         outputs.append(sha256(out))
     assert outputs[0] == outputs[1]
+
+
+def test_a_model_with_nothing_to_train_is_refused_with_its_reasons(workspace, frozen_only_model, tmp_path):
+    message = one_line_error(train(workspace, str(frozen_only_model), *TINY, "--run-dir", str(tmp_path / "run"),
+                                   "--out", str(tmp_path / "out.gguf")))
+    assert "no trainable tensors" in message and "F16" in message
+    assert not (tmp_path / "out.gguf").exists()
