@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -95,7 +96,7 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
     """Fine-tune MODEL (default: SmolLM2-135M-Instruct Q4_1) on a task; write a tuned GGUF."""
     from .gguf_file import default_model_path
     from .report import plot_run, summary_lines
-    from .trainer import Run
+    from .trainer import Run, RunInUse
 
     settings = Settings(task=task, reward=reward, iterations=iterations, population=population, batch=batch,
                         max_tokens=max_tokens, sigma=sigma, alpha=alpha, decay=decay, residual=residual,
@@ -136,12 +137,12 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
 
     try:
         result = run.train(on_progress, on_heldout)
+        run.export(out)
     finally:
         bar.close()
         plot_run(run.run_dir)
-    run.export(out)
-    if result["completed"]:
-        run.release_live()  # 100+ MB of RAM on /dev/shm; export or --resume rebuild it when needed
+        with contextlib.suppress(RunInUse):  # another process's run: its copy is not ours to delete
+            run.release_live()  # 100+ MB of RAM on /dev/shm; export and --resume rebuild it when needed
     for line in summary_lines(run.run_dir, result, out):
         click.echo(line)
 
