@@ -342,10 +342,10 @@ class Run:
                         (self.run_dir / "live.dirty").unlink()
                         break
                     t1 = time.perf_counter()
-                    plus = [rewards[p, 1] for p in range(pairs)]
+                    plus = [rewards[p, 1] for p in range(pairs)]  # per-prompt rewards of each +s candidate
                     minus = [rewards[p, -1] for p in range(pairs)]
                     weights = pair_weights(shape_rewards(plus, minus, s.shaping), s.alpha, s.sigma, s.population)
-                    plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]
+                    plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]  # candidates' means, logged
                     self.history.append((seeds, weights))
                     stepped, blocked = store.update(space, self.history, s.decay)
                     crash_point("update")
