@@ -14,8 +14,9 @@ from typing import Callable
 import gguf
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
+from qes_edge.convert import convert_matrices, write_and_close
 from qes_edge.gguf_file import default_model_path
 
 # Quant types the default Q4_1 model can be requantized to in numpy.
@@ -61,7 +62,7 @@ def model_of_type(default_reader: GGUFReader, tmp_path_factory) -> Callable[[str
             return default_model_path()
         if type_name not in made:
             path = directory / f"SmolLM2-135M-Instruct.{type_name}.gguf"
-            _write_requantized(default_reader, path, GGMLQuantizationType[type_name])
+            convert_matrices(default_reader, path, type_name)
             made[type_name] = path
         return made[type_name]
 
@@ -87,7 +88,7 @@ def synthetic_gguf(tmp_path: Path) -> Callable[..., Path]:
             writer.add_custom_alignment(alignment)
         for tensor_name, (values, ggml_type) in tensors.items():
             writer.add_tensor(tensor_name, _encode(values, ggml_type), raw_dtype=ggml_type)
-        _write_and_close(writer)
+        write_and_close(writer)
         return path
 
     return write
@@ -111,35 +112,3 @@ def _encode(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     if ggml_type == GGMLQuantizationType.F16:
         return values.astype(np.float16)
     return gguf.quants.quantize(values.astype(np.float32), ggml_type)
-
-
-def _write_requantized(reader: GGUFReader, path: Path, target: GGMLQuantizationType) -> None:
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    tmp = path.with_name(path.name + ".tmp")
-    writer = GGUFWriter(tmp, arch=arch)
-    writer.data_alignment = int(reader.alignment)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue  # virtual fields, and the one the writer adds itself
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType[f"MOSTLY_{target.name}"])
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        if tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(tensor.shape) == 2:
-            weights = gguf.quants.dequantize(tensor.data, GGMLQuantizationType.Q4_1)
-            writer.add_tensor(tensor.name, gguf.quants.quantize(weights, target), raw_dtype=target)
-        else:
-            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    _write_and_close(writer)
-    tmp.replace(path)
-
-
-def _write_and_close(writer: GGUFWriter) -> None:
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
