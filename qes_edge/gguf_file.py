@@ -269,6 +269,21 @@ def export_model(
         crash_point("export")
 
 
+def weights_sha256(model: ModelFile, buf=None) -> str:
+    """sha256 of the tensor data section: the weights, whatever the metadata says.
+
+    ``buf``: a mapping of the file (e.g. a working copy's memmap) to hash instead of reading it.
+    """
+    if buf is not None:
+        return hashlib.sha256(memoryview(buf)[model.data_offset:]).hexdigest()
+    digest = hashlib.sha256()
+    with open(model.path, "rb") as f:
+        f.seek(model.data_offset)
+        while chunk := f.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_sha256(path: os.PathLike | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

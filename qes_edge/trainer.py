@@ -39,7 +39,8 @@ from . import __version__
 from .errors import QesError
 from .evaluator import Evaluator
 from .faults import crash_point
-from .gguf_file import ModelFile, atomic_output, export_model, file_sha256, make_working_copy, open_model
+from .gguf_file import (ModelFile, atomic_output, export_model, file_sha256, make_working_copy, open_model,
+                        weights_sha256)
 from .kernels import SCHEME, CodeSpace, TensorSlot, to_fixed
 from .residual import NoResidual, ReplayResidual, SidecarResidual
 from .settings import Settings
@@ -133,6 +134,7 @@ class Progress:
     reward: float
     heldout: tuple[float, float] | None
     seconds: float
+    bytes_sent: int | None = None  # with --ray: what crossed the network this iteration
 
 
 @dataclass
@@ -294,25 +296,29 @@ class Run:
     # -- training --
 
     def train(self, on_progress: Callable[[Progress], None] = lambda p: None,
-              on_heldout: Callable[[int, dict], None] = lambda t, m: None) -> dict:
+              on_heldout: Callable[[int, dict], None] = lambda t, m: None, fleet=None) -> dict:
+        """Run the remaining iterations; ``fleet`` (a :class:`qes_edge.fleet.FleetOptions`) scores on Ray."""
         with self.lock():
-            return self._train(on_progress, on_heldout)
+            return self._train(on_progress, on_heldout, fleet)
 
-    def _train(self, on_progress, on_heldout) -> dict:
+    def _train(self, on_progress, on_heldout, fleet) -> dict:
         s = self.settings
         model = self.open_model()
         task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-        max_tokens = s.max_tokens or task.max_tokens
-        buf, space, store = self.prepare_live(model)
         metrics_path = self.run_dir / "metrics.jsonl"
         _truncate_metrics(metrics_path, self.iteration)
         pairs = s.population // 2
         stop = _StopFlag()
         started = time.perf_counter()
-        with Evaluator(self.live_path, n_seq_max=max(s.batch, 1), n_threads=s.threads) as evaluator:
-            score = _Scorer(evaluator, task, max_tokens)
+        if fleet is None:
+            population = LocalPopulation(Replica(self, model, task))
+        else:
+            from .fleet import Fleet
+
+            population = Fleet(self, fleet)
+        with population:
             if self.iteration == 0 and not _has_heldout(metrics_path, 0):
-                result = score.heldout()
+                result = population.heldout()
                 _append_metrics(metrics_path, {"iteration": 0, "heldout": result})
                 on_heldout(0, result)
             with stop.installed():
@@ -320,25 +326,13 @@ class Run:
                     t = self.iteration
                     t0 = time.perf_counter()
                     seeds = iteration_seeds(s.seed, t, pairs)
-                    batch = iteration_batch(task, s.seed, t, s.batch)
                     (self.run_dir / "live.dirty").touch()
-                    rewards = {}
                     try:
-                        for p, seed in enumerate(seeds):
-                            for sign in (1, -1):
-                                space.perturb(sign * int(seed))
-                                crash_point("perturb")
-                                try:
-                                    rewards[p, sign] = score.rewards(batch)
-                                    crash_point("evaluate")
-                                finally:
-                                    space.restore(sign * int(seed))
-                            if stop.requested:
-                                break
+                        rewards = population.score(seeds, t, stop)
                     except QesError:
                         (self.run_dir / "live.dirty").unlink()  # restored: the copy is the checkpoint
                         raise
-                    if stop.requested:
+                    if rewards is None:  # stopped between candidates, the copy restored
                         (self.run_dir / "live.dirty").unlink()
                         break
                     t1 = time.perf_counter()
@@ -347,9 +341,7 @@ class Run:
                     weights = pair_weights(shape_rewards(plus, minus, s.shaping), s.alpha, s.sigma, s.population)
                     plus, minus = [_mean(r) for r in plus], [_mean(r) for r in minus]  # candidates' means, logged
                     self.history.append((seeds, weights))
-                    stepped, blocked = store.update(space, self.history, s.decay)
-                    crash_point("update")
-                    buf.flush()
+                    stepped, blocked = population.apply(self.history)
                     t2 = time.perf_counter()
                     line = {
                         "iteration": t + 1,
@@ -365,16 +357,16 @@ class Run:
                     }
                     self.iteration = t + 1
                     if self.iteration % s.eval_every == 0 or self.iteration == s.iterations:
-                        line["heldout"] = score.heldout()
+                        line["heldout"] = population.heldout()
                         on_heldout(self.iteration, line["heldout"])
+                    line.update(population.report())
                     line["iteration_s"] = round(time.perf_counter() - t0, 3)
                     _append_metrics(metrics_path, line)
                     self.save()
                     (self.run_dir / "live.dirty").unlink()
                     on_progress(Progress(self.iteration, s.iterations, line["reward_mean"],
-                                         _accuracy(line.get("heldout")), time.perf_counter() - started))
-        store.close()
-        del buf
+                                         _accuracy(line.get("heldout")), time.perf_counter() - started,
+                                         line.get("bytes_sent")))
         return {"completed": self.iteration >= s.iterations, "iteration": self.iteration,
                 "seconds": time.perf_counter() - started, "metrics": metrics_path}
 
@@ -424,7 +416,84 @@ class Run:
         export_model(live, out, provenance, protect=[self.source])
 
 
-class _Scorer:
+class Replica:
+    """A working copy at the run's checkpoint with its own evaluator: scores candidates, takes updates.
+
+    The single-process trainer holds one; with --ray every worker holds one (:mod:`qes_edge.fleet`).
+    """
+
+    def __init__(self, run: Run, model: ModelFile, task: Task):
+        s = run.settings
+        self.model, self.task, self.settings = model, task, s
+        self.buf, self.space, self.store = run.prepare_live(model)
+        self.evaluator = Evaluator(run.live_path, n_seq_max=max(s.batch, 1), n_threads=s.threads)
+        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens)
+
+    def rewards(self, signed_seed: int, iteration: int) -> list[float]:
+        """Per-prompt rewards of checkpoint + perturbation(signed_seed) on the iteration's batch; restored after."""
+        s = self.settings
+        items = iteration_batch(self.task, s.seed, iteration, s.batch)
+        self.space.perturb(signed_seed)
+        crash_point("perturb")
+        try:
+            rewards = self.scorer.rewards(items)
+            crash_point("evaluate")
+        finally:
+            self.space.restore(signed_seed)
+        return rewards
+
+    def apply(self, history: list) -> tuple[int, int]:
+        """This iteration's update (the last row of ``history``); returns (codes stepped, steps blocked)."""
+        result = self.store.update(self.space, history, self.settings.decay)
+        crash_point("update")
+        self.buf.flush()
+        return result
+
+    def heldout(self) -> dict:
+        return self.scorer.heldout()
+
+    def fingerprint(self) -> str:
+        return weights_sha256(self.model, self.buf)
+
+    def close(self) -> None:
+        self.evaluator.close()
+        self.store.close()
+        del self.buf
+
+
+class LocalPopulation:
+    """Every candidate scored in this process, one after another, on one replica."""
+
+    def __init__(self, replica: Replica):
+        self.replica = replica
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.replica.close()
+
+    def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
+        """{(pair, sign): per-prompt rewards}, or None when a stop was asked for between pairs."""
+        rewards = {}
+        for p, seed in enumerate(seeds):
+            for sign in (1, -1):
+                rewards[p, sign] = self.replica.rewards(sign * int(seed), iteration)
+            if stop.requested:
+                return None
+        return rewards
+
+    def apply(self, history: list) -> tuple[int, int]:
+        return self.replica.apply(history)
+
+    def heldout(self) -> dict:
+        return self.replica.heldout()
+
+    def report(self) -> dict:
+        return {}
+
+
+class Scorer:
     """Rewards of the model as it is in the working copy right now."""
 
     def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int):

@@ -4,7 +4,7 @@
 
 Time: a real training run with the default settings (`qes_edge.settings.Settings`,
 overridable), timed from outside the loop by wrapping the pieces it calls:
-llama.cpp inference (`_Scorer.rewards`: batched generation and the reward),
+llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
 and everything QES adds (perturb, restore, the update, checkpoint and metrics
 writes).  The held-out evaluations are reporting, not training, and are left
 out of the iteration time (shown on their own line).
@@ -90,8 +90,8 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
     from qes_edge.residual import ReplayResidual, SidecarResidual
 
     clock = Clock()
-    clock.wrap(trainer._Scorer, "rewards", "inference")
-    clock.wrap(trainer._Scorer, "heldout", "held-out evaluation")
+    clock.wrap(trainer.Scorer, "rewards", "inference")
+    clock.wrap(trainer.Scorer, "heldout", "held-out evaluation")
     clock.wrap(CodeSpace, "perturb", "perturb")
     clock.wrap(CodeSpace, "restore", "restore")
     clock.wrap(SidecarResidual, "update", "update")
@@ -133,7 +133,7 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
             live = make_working_copy(model, Path(tmp) / "live.gguf")
             task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
             with Evaluator(live, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-                scorer = trainer._Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
+                scorer = trainer.Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
                 for t in range(settings.iterations):
                     batch = trainer.iteration_batch(task, settings.seed, t, settings.batch)
                     for _ in range(settings.population):
@@ -141,7 +141,7 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
                         peak_pss = max(peak_pss, pss_mb())
             sidecar_bytes = 0
         else:
-            original = trainer._Scorer.rewards
+            original = trainer.Scorer.rewards
 
             def sampled(self, items):
                 nonlocal peak_pss
@@ -149,7 +149,7 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
                 peak_pss = max(peak_pss, pss_mb())
                 return result
 
-            trainer._Scorer.rewards = sampled
+            trainer.Scorer.rewards = sampled
             store = mode.removeprefix("train-")
             run_dir = Path(tmp) / "run"
             run = trainer.Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
