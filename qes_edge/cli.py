@@ -84,7 +84,13 @@ def _load_config(ctx, param, value):
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
 @click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int, help="Held-out items for accuracy.")
 @click.option("--train-embeddings", is_flag=True, help="Also train the token embedding matrix.")
-@click.option("--threads", default=None, type=int, help="llama.cpp threads (default: physical cores).")
+@click.option("--threads", default=None, type=int,
+              help="llama.cpp threads (default: physical cores; with --ray: per worker, default 1).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Score the population on Ray workers: alone, a Ray instance started here; 'auto', the "
+                   "cluster running here; or a cluster's address (see README, 'A fleet').")
+@click.option("--workers", default=None, type=int,
+              help="With --ray: how many workers (default: the cluster's CPUs / threads, at most the population).")
 @click.option("--eval-every", default=DEFAULTS.eval_every, show_default=True, type=int, help="Held-out evaluation period.")
 @click.option("--run-dir", default=None, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -92,12 +98,19 @@ def _load_config(ctx, param, value):
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this directory.")
 def train(model, task, reward, iterations, population, batch, max_tokens, sigma, alpha, decay, residual, window,
-          no_error_feedback, shaping, seed, heldout, train_embeddings, threads, eval_every, run_dir, out, resume):
+          no_error_feedback, shaping, seed, heldout, train_embeddings, threads, ray_address, workers, eval_every, run_dir, out, resume):
     """Fine-tune MODEL (default: SmolLM2-135M-Instruct Q4_1) on a task; write a tuned GGUF."""
     from .gguf_file import default_model_path
     from .report import plot_run, summary_lines
     from .trainer import Run, RunInUse
 
+    fleet = None
+    if ray_address is not None:
+        from .fleet import FleetOptions
+
+        fleet = FleetOptions(ray_address, workers)
+    elif workers is not None:
+        raise QesError("--workers goes with --ray")
     settings = Settings(task=task, reward=reward, iterations=iterations, population=population, batch=batch,
                         max_tokens=max_tokens, sigma=sigma, alpha=alpha, decay=decay, residual=residual,
                         window=window, error_feedback=not no_error_feedback, shaping=shaping, seed=seed,
@@ -132,11 +145,13 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
         postfix = {"reward": f"{p.reward:.3f}"}
         if p.heldout:
             postfix["held-out"] = f"{p.heldout[0]:.3f}"
+        if p.bytes_sent is not None:
+            postfix["sent"] = f"{p.bytes_sent / 1000:.1f} kB"
         bar.set_postfix(postfix)
         bar.update(p.iteration - bar.n)
 
     try:
-        result = run.train(on_progress, on_heldout)
+        result = run.train(on_progress, on_heldout, fleet)
         run.export(out)
     finally:
         bar.close()
@@ -180,13 +195,13 @@ def evaluate(model, task, reward, heldout, max_tokens, seed, threads, as_json):
     from .evaluator import Evaluator
     from .gguf_file import default_model_path, open_model
     from .tasks import load_task
-    from .trainer import _Scorer
+    from .trainer import Scorer
 
     model = model or default_model_path()
     open_model(model)  # a clear error for a file that is not a GGUF
     spec = load_task(task, reward, seed=seed, heldout=heldout)
     with Evaluator(model, n_seq_max=16, n_threads=threads) as evaluator:
-        result = _Scorer(evaluator, spec, max_tokens or spec.max_tokens).heldout()
+        result = Scorer(evaluator, spec, max_tokens or spec.max_tokens).heldout()
     if as_json:
         click.echo(json.dumps(result))
     else:
