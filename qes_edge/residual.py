@@ -39,6 +39,9 @@ class NoResidual:
         seeds, weights = history[-1]
         return space.update(seeds[None], weights[None], gamma, feedback=False, residual=None)
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -58,6 +61,9 @@ class ReplayResidual:
         seeds = np.stack([s for s, _ in rows])
         weights = np.stack([w for _, w in rows])
         return space.update(seeds, weights, gamma, feedback=True, residual=None)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -124,9 +130,12 @@ class SidecarResidual:
         self._mark(held, busy=True)
         result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.values)
         crash_point("update")  # the residual is half written: its header still says busy
-        self.values.flush()
         self._mark(held + 1, busy=False)
         return result
+
+    def flush(self) -> None:
+        """Put the residual on disk (the trainer does, when it closes or cannot tell a reboot)."""
+        self.values.flush()
 
     def reset(self) -> None:
         """Zero the residual (used when a run is rebuilt from its history)."""

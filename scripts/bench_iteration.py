@@ -7,7 +7,9 @@ overridable), timed from outside the loop by wrapping the pieces it calls:
 llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
 and everything QES adds (perturb, restore, the update, checkpoint and metrics
 writes).  The held-out evaluations are reporting, not training, and are left
-out of the iteration time (shown on their own line).
+out of the iteration time (shown on their own line), as is the one sync of the
+working copy and the residual to disk when the run closes (once per run, not
+per iteration; also on its own line).
 
 Memory: three fresh processes on the same model, prompts and evaluator:
 inference only (every candidate's prompts scored on the unperturbed model),
@@ -97,6 +99,7 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
     clock.wrap(SidecarResidual, "update", "update")
     clock.wrap(ReplayResidual, "update", "update")
     clock.wrap(trainer.Run, "save", "checkpoint")
+    clock.wrap(trainer.Replica, "sync", "sync")
     clock.wrap(trainer, "_append_metrics", "metrics")
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
         run = trainer.Run.create(Path(tmp) / "run", model, settings)
@@ -107,13 +110,14 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
     n = settings.iterations
     seconds = dict(clock.seconds)
     heldout = seconds.pop("held-out evaluation", 0.0)
+    sync = seconds.pop("sync", 0.0)
     # heldout() generates on its own (rewards() only for log-prob tasks), so inference is the candidates'.
-    iteration = (total - heldout) / n
+    iteration = (total - heldout - sync) / n
     inference = seconds["inference"] / n
     qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "checkpoint", "metrics")}
     other = iteration - inference - sum(qes.values())
     return {"iteration_s": iteration, "inference_s": inference, "qes_s": qes, "other_s": other,
-            "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]),
+            "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]), "sync_at_close_s": sync,
             "qes_overhead_fraction": sum(qes.values()) / iteration, "run_dir_files": run_dir_files}
 
 
@@ -239,7 +243,8 @@ def main() -> None:
         print(f"{name:<24} {value:>14.4f} {100 * value / result['iteration_s']:>7.2f}%")
     print(f"{'iteration':<24} {result['iteration_s']:>14.3f}")
     print(f"QES overhead: {100 * result['qes_overhead_fraction']:.2f}% (target <= 2%); "
-          f"held-out evaluation, per evaluation: {result['heldout_eval_s']:.1f} s")
+          f"held-out evaluation, per evaluation: {result['heldout_eval_s']:.1f} s; "
+          f"sync to disk at close, once per run: {result['sync_at_close_s']:.2f} s")
     print(f"{'memory':<24} {'peak RSS MB':>12} {'peak PSS MB':>12} {'x inference (PSS)':>18}")
     for mode, figures in memory.items():
         ratio = figures["peak_pss_mb"] / memory["infer"]["peak_pss_mb"]

@@ -13,6 +13,7 @@ reproduces.
 """
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from qes_edge.faults import POINTS
+from qes_edge.trainer import boot_id
 
 pytestmark = pytest.mark.crash
 
@@ -69,8 +71,9 @@ def uninterrupted(default_model, tmp_path_factory):
 def trials() -> list[tuple[str, str | None, float | None]]:
     rng = random.Random(RNG_SEED)
     # How often each point is reached in the run above: 3 iterations x 2 candidates; the sidecar
-    # update has a point inside and one after; checkpoints: metrics truncation + 1 + 3 state saves.
-    reached = {"perturb": 6, "evaluate": 6, "update": 6, "checkpoint": 5, "export": 1}
+    # update has a point inside and one after; checkpoints: metrics truncation + 1 + 3 state saves
+    # + the live.unsynced marker.
+    reached = {"perturb": 6, "evaluate": 6, "update": 6, "checkpoint": 6, "export": 1}
     planned = [(f"{point}:{rng.randint(1, reached[point])}", f"{point}", None)
                for point in POINTS for _ in range(POINT_TRIALS)]
     planned += [(f"timed:{i}", None, rng.random()) for i in range(TIMED_TRIALS)]
@@ -100,9 +103,26 @@ def test_killed_run_resumes_to_the_same_bytes(label, point, fraction, uninterrup
     assert not list(tmp_path.glob("tuned.gguf.tmp*")), "a killed export left its temporary file behind"
 
 
-def test_a_finished_run_releases_its_working_copy(uninterrupted, default_model, tmp_path):
-    import json
+def test_a_working_copy_left_unsynced_in_another_boot_is_rebuilt(uninterrupted, default_model, tmp_path):
+    """Updates are not synced every iteration, so after a power loss the disk may hold a working copy
+    without its last writes, and without the live.dirty marker that says so; the boot id tells."""
+    run_dir, out = tmp_path / "run", tmp_path / "tuned.gguf"
+    code, output = qes_edge(train_command(default_model, run_dir, out), crash_at="evaluate:3")
+    assert code == -signal.SIGKILL, output
+    assert (run_dir / "live.unsynced").read_text() == boot_id()  # killed while training: never synced
+    live = Path(json.loads((run_dir / "state.json").read_text())["live"])
+    (run_dir / "live.dirty").unlink()  # the machine went down: the marker's removal reached the disk...
+    with open(live, "r+b") as f:  # ...and some of the copy's pages did not
+        f.seek(live.stat().st_size // 2)
+        f.write(bytes(1 << 16))
+    (run_dir / "live.unsynced").write_text("0f0e0d0c-an-earlier-boot")
+    code, output = qes_edge(["train", "--resume", str(run_dir), "--out", str(out)])
+    assert code == 0, output
+    assert sha256(out) == uninterrupted[0]
+    assert not (run_dir / "live.unsynced").exists()  # this time it closed, and synced
 
+
+def test_a_finished_run_releases_its_working_copy(uninterrupted, default_model, tmp_path):
     run_dir = tmp_path / "run"
     code, output = qes_edge(train_command(default_model, run_dir, tmp_path / "a.gguf"))
     assert code == 0, output
