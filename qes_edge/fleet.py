@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import QesError
 from .settings import Settings
+from .trainer import history_from_json, history_to_json
 
 # Test hook, "<worker>:<point>:<n>": the worker of that index (not its replacement) SIGKILLs
 # itself the n-th time it reaches crash point <point> (see qes_edge.faults).
@@ -80,7 +81,7 @@ class Worker:
                 raise QesError(f"{host}: {source} is not the driver's base model (its sha256 differs)")
             settings = Settings(**{**state["settings"], "threads": self.threads})
             self.dir = Path(tempfile.mkdtemp(prefix="qes-edge-worker-"))
-            history = [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in state["history"]]
+            history = history_from_json(state["history"])
             self.run = Run(self.dir, source, settings, state["base_sha256"], len(history), history)
             model = self.run.open_model()
             task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
@@ -251,8 +252,7 @@ class Fleet:
         if crash:
             options["runtime_env"] = {"env_vars": {"QES_EDGE_CRASH_AT": crash}}
         state = {"source": str(self.run.source), "base_sha256": self.run.base_sha256,
-                 "settings": dataclasses.asdict(self.run.settings),
-                 "history": [[s.tolist(), w.tolist()] for s, w in self.run.history]}
+                 "settings": dataclasses.asdict(self.run.settings), "history": history_to_json(self.run.history)}
         worker = self.remote_worker.options(**options).remote(state, self.threads)
         self._count(state)
         self.workers[index] = worker

@@ -276,17 +276,14 @@ def weights_sha256(model: ModelFile, buf=None) -> str:
     """
     if buf is not None:
         return hashlib.sha256(memoryview(buf)[model.data_offset:]).hexdigest()
-    digest = hashlib.sha256()
-    with open(model.path, "rb") as f:
-        f.seek(model.data_offset)
-        while chunk := f.read(_COPY_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(model.path, start=model.data_offset)
 
 
-def file_sha256(path: os.PathLike | str) -> str:
+def file_sha256(path: os.PathLike | str, start: int = 0) -> str:
+    """sha256 of the file's bytes from ``start`` on."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while chunk := f.read(_COPY_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()

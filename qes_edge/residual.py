@@ -144,5 +144,5 @@ class SidecarResidual:
         self._mark(0, busy=False)
 
     def close(self) -> None:
-        self.values.flush()
+        """Unmap the residual; its writes stay in the page cache (:meth:`flush` puts them on disk)."""
         del self.values

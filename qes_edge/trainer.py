@@ -18,9 +18,8 @@ resumes to the same bytes an uninterrupted run gives.
 
 Updates are not synced to disk every iteration (msync of the sidecar alone
 writes up to 200 MB an iteration for the default model: 1% of an iteration
-here, seconds on an SD card):
-a killed process leaves its writes in the page cache, which the next process
-reads.  Only a power loss can lose them, so a copy last written in another
+here, seconds on an SD card): a killed process leaves its writes in the page
+cache, which the next process reads.  Only a power loss can lose them, so a copy last written in another
 boot without a sync (``live.unsynced``) is rebuilt, like a dirty one.
 """
 
@@ -195,7 +194,7 @@ class Run:
                                "it would change the result — start a new run instead")
             setattr(settings, key, value)
         settings.check()
-        history = [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in state["history"]]
+        history = history_from_json(state["history"])
         return cls(run_dir, Path(state["source"]), settings, state["base_sha256"], state["iteration"], history,
                    Path(state["live"]) if state.get("live") else None)
 
@@ -209,7 +208,7 @@ class Run:
             "base_sha256": self.base_sha256,
             "settings": dataclasses.asdict(self.settings),
             "iteration": self.iteration,
-            "history": [[s.tolist(), w.tolist()] for s, w in self.history],
+            "history": history_to_json(self.history),
             "live": str(self.live_path) if self.live_path else None,
         }
         _atomic_write(self.run_dir / "state.json", json.dumps(state, indent=1).encode())
@@ -584,6 +583,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         crash_point("checkpoint")
+
+
+def history_to_json(history: list) -> list:
+    """The (seeds, weights) rows as JSON lists, as state.json holds them."""
+    return [[s.tolist(), w.tolist()] for s, w in history]
+
+
+def history_from_json(rows: list) -> list:
+    return [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in rows]
 
 
 def boot_id() -> str | None:
