@@ -85,16 +85,11 @@ static inline int64_t draw_delta(uint64_t *state, const qes_noise *noise, int64_
     return sign * magnitude;
 }
 
-QES_API void qes_constants(int64_t out[5]) {
+QES_API void qes_constants(int64_t out[4]) {
     out[0] = QES_ABI_VERSION;
     out[1] = QES_CHUNK;
     out[2] = QES_GUIDE_BITS;
     out[3] = QES_FRACTION_BITS;
-#ifdef _OPENMP
-    out[4] = 1;
-#else
-    out[4] = 0;
-#endif
 }
 
 QES_API int64_t qes_sample_tensor(int64_t seed, uint64_t key, int64_t n_elements, const qes_noise *noise,
@@ -186,9 +181,10 @@ static inline int thread_id(void) {
 #endif
 }
 
-static int64_t longest_chunk(const int64_t *chunks, int64_t n_chunks) {
+static int64_t longest_chunk(const qes_tensors *tensors) {
+    const int64_t *chunks = tensors->chunks;
     int64_t longest = 1;
-    for (int64_t c = 0; c < n_chunks; c++)
+    for (int64_t c = 0; c < tensors->n_chunks; c++)
         if (chunks[3 * c + 2] - chunks[3 * c + 1] > longest)
             longest = chunks[3 * c + 2] - chunks[3 * c + 1];
     return longest;
@@ -196,17 +192,18 @@ static int64_t longest_chunk(const int64_t *chunks, int64_t n_chunks) {
 
 /* ---- perturb.py ----------------------------------------------------------------------------- */
 
-static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
-                             const int64_t *tensor_info, const int64_t *chunk, int64_t seed, const qes_noise *noise,
-                             uint8_t *gated, int restore, int64_t *elements, int64_t *deltas) {
+static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
+                             const int64_t *chunk, const qes_noise *noise, int64_t seed, uint8_t *gated, int restore,
+                             int64_t *elements, int64_t *deltas) {
     const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
-    const int64_t offset = tensor_info[3 * t], f = tensor_info[3 * t + 1], code_base = tensor_info[3 * t + 2];
+    const int64_t *info = tensors->info + 3 * t;
+    const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
     const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
     const int64_t sign = sign_of(seed);
     /* Draw the chunk's deltas first, then touch memory: independent loads overlap. */
     int64_t count = 0;
-    uint64_t state = stream_start(seed_abs_of(seed), tensor_keys[t], start / QES_CHUNK);
+    uint64_t state = stream_start(seed_abs_of(seed), tensors->keys[t], start / QES_CHUNK);
     int64_t element = start;
     for (;;) {
         element += draw_gap(&state, noise);
@@ -243,12 +240,11 @@ static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const uint6
     return n;
 }
 
-QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
-                                  const int64_t *tensor_info, const int64_t *chunks, int64_t n_chunks,
-                                  int64_t seed, const qes_noise *noise, uint8_t *gated, int restore,
-                                  int threads) {
+QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
+                                  const qes_noise *noise, int64_t seed, uint8_t *gated, int restore, int threads) {
     const int team = team_size(threads);
-    const int64_t stride = longest_chunk(chunks, n_chunks);
+    const int64_t n_chunks = tensors->n_chunks;
+    const int64_t stride = longest_chunk(tensors);
     int64_t *scratch = malloc(sizeof(int64_t) * 2 * (size_t)stride * (size_t)team);
     if (scratch == NULL)
         return -1;
@@ -259,8 +255,8 @@ QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const 
         int64_t *deltas = elements + stride;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++)
-            changed += perturb_chunk(buf, layout, tensor_keys, tensor_info, chunks + 3 * c, seed, noise, gated,
-                                     restore, elements, deltas);
+            changed += perturb_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, seed, gated, restore,
+                                     elements, deltas);
     }
     free(scratch);
     return changed;
@@ -312,23 +308,25 @@ typedef struct {
 
 enum { UPDATE_ARRAYS = 7 };
 
-static void update_chunk(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
-                         const int64_t *tensor_info, const int64_t *chunk, const int64_t *seeds,
-                         const int64_t *weights, int64_t rows, int64_t pairs, int64_t gamma_fx, int feedback,
-                         int16_t *residual, int stored_residual, const qes_noise *noise, const update_scratch *s,
-                         int64_t counts[2]) {
+static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const int64_t *chunk,
+                         const qes_noise *noise, const qes_update *update, int16_t *residual,
+                         const update_scratch *s, int64_t counts[2]) {
     const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
-    const int64_t offset = tensor_info[3 * t], f = tensor_info[3 * t + 1], code_base = tensor_info[3 * t + 2];
+    const int64_t *info = tensors->info + 3 * t;
+    const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
     const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
     const int64_t n = end - start;
-    const uint64_t key = tensor_keys[t];
-    const int64_t last = rows - 1;
+    const uint64_t key = tensors->keys[t];
+    const int64_t *seeds = update->seeds, *weights = update->weights;
+    const int64_t pairs = update->pairs, gamma_fx = update->gamma_fx;
+    const int feedback = update->feedback;
+    const int64_t last = update->rows - 1;
     int64_t *gradient = s->gradient, *error = s->error, *codes;
     int64_t n_codes;
     row_gradient(gradient, n, s->identity, key, start, end, seeds + last * pairs, weights + last * pairs, pairs,
                  noise);
-    if (stored_residual) {
+    if (update->stored_residual) {
         /* The sidecar keeps every code's residual, so every code decays and is stored. */
         codes = s->identity;
         n_codes = n;
@@ -380,18 +378,16 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const uint64_t 
             }
         }
     }
-    if (stored_residual)
+    if (update->stored_residual)
         for (int64_t i = 0; i < n; i++)
             residual[code_base + start + i] = (int16_t)error[i];  /* |e| <= 1/2 step = 2**14 */
 }
 
-QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const uint64_t *tensor_keys,
-                          const int64_t *tensor_info, const int64_t *chunks, int64_t n_chunks,
-                          const int64_t *seeds, const int64_t *weights, int64_t rows, int64_t pairs,
-                          int64_t gamma_fx, int feedback, int16_t *residual, int stored_residual,
-                          const qes_noise *noise, int64_t counts[2], int threads) {
+QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const qes_noise *noise,
+                          const qes_update *update, int16_t *residual, int64_t counts[2], int threads) {
     const int team = team_size(threads);
-    const int64_t stride = longest_chunk(chunks, n_chunks);
+    const int64_t n_chunks = tensors->n_chunks;
+    const int64_t stride = longest_chunk(tensors);
     int64_t *scratch = malloc(sizeof(int64_t) * UPDATE_ARRAYS * (size_t)stride * (size_t)team);
     if (scratch == NULL)
         return -1;
@@ -406,8 +402,7 @@ QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const uint64_t
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++) {
             int64_t chunk_counts[2] = {0, 0};
-            update_chunk(buf, layout, tensor_keys, tensor_info, chunks + 3 * c, seeds, weights, rows, pairs, gamma_fx,
-                         feedback, residual, stored_residual, noise, &s, chunk_counts);
+            update_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, update, residual, &s, chunk_counts);
             stepped += chunk_counts[0];
             blocked += chunk_counts[1];
         }

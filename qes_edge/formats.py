@@ -52,11 +52,6 @@ class QuantFormat:
     def code_hi(self) -> int:
         return (1 << (self.code_bits - 1)) - 1 if self.signed else (1 << self.code_bits) - 1
 
-    def n_blocks(self, n_bytes: int) -> int:
-        if n_bytes % self.block_bytes:
-            raise ValueError(f"{self.name}: {n_bytes} bytes is not a whole number of blocks")
-        return n_bytes // self.block_bytes
-
     # Whole-array access: the readable reference the kernels are tested against.
     def read_codes(self, raw: np.ndarray) -> np.ndarray:
         """All codes of a tensor's raw bytes, as int32 in block order."""

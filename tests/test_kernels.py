@@ -39,11 +39,9 @@ def codes_of(space):
 
 def deltas_of(space, seed):
     """Dense delta per tensor from the reference sampler."""
-    n = space.noise
     out = []
     for slot in space.tensors:
-        positions, deltas = sample_tensor(seed, tensor_key(slot.name), slot.n_elements,
-                                          n.gap_tail, n.guide, n.magnitude_tail)
+        positions, deltas = sample_tensor(seed, tensor_key(slot.name), slot.n_elements, space.noise)
         dense = np.zeros(slot.n_elements, dtype=np.int64)
         dense[positions] = deltas
         out.append(dense)
@@ -89,9 +87,9 @@ def test_same_seed_same_bytes_and_different_seeds_different_positions():
     assert np.array_equal(a.buf, b.buf)
     n = a.noise
     key = tensor_key("blk.0.Q8_0")
-    p7, _ = sample_tensor(7, key, 100_000, n.gap_tail, n.guide, n.magnitude_tail)
-    p8, _ = sample_tensor(8, key, 100_000, n.gap_tail, n.guide, n.magnitude_tail)
-    other, _ = sample_tensor(7, tensor_key("blk.1.Q4_0"), 100_000, n.gap_tail, n.guide, n.magnitude_tail)
+    p7, _ = sample_tensor(7, key, 100_000, n)
+    p8, _ = sample_tensor(8, key, 100_000, n)
+    other, _ = sample_tensor(7, tensor_key("blk.1.Q4_0"), 100_000, n)
     assert not np.array_equal(p7, p8) and not np.array_equal(p7, other)
     assert len(np.intersect1d(p7, p8)) < 0.1 * len(p7)
 
@@ -99,8 +97,8 @@ def test_same_seed_same_bytes_and_different_seeds_different_positions():
 def test_mirrored_seed_gives_the_negated_perturbation():
     n = NoiseTable.for_sigma(0.3)
     key = tensor_key("blk.3.ffn_up.weight")
-    pos, delta = sample_tensor(31, key, 50_000, n.gap_tail, n.guide, n.magnitude_tail)
-    pos_m, delta_m = sample_tensor(-31, key, 50_000, n.gap_tail, n.guide, n.magnitude_tail)
+    pos, delta = sample_tensor(31, key, 50_000, n)
+    pos_m, delta_m = sample_tensor(-31, key, 50_000, n)
     assert np.array_equal(pos, pos_m) and np.array_equal(delta, -delta_m)
 
 
@@ -109,7 +107,7 @@ def test_sampled_deltas_follow_stochastic_rounding_of_a_normal(sigma):
     """Counts of each delta value match stochastic_round(sigma * eps) drawn densely, within 5 SE."""
     n = NoiseTable.for_sigma(sigma)
     size = 4_000_000
-    _, deltas = sample_tensor(5, tensor_key("t"), size, n.gap_tail, n.guide, n.magnitude_tail)
+    _, deltas = sample_tensor(5, tensor_key("t"), size, n)
     rng = np.random.default_rng(0)
     x = sigma * rng.standard_normal(size)
     dense = np.floor(x) + (rng.random(size) < x - np.floor(x))

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 from blocks import ALL
 from qes_edge.errors import QesError
 from qes_edge.formats import FORMATS
-from qes_edge.kernels import CodeSpace, NoiseTable, native, sample_tensor, tensor_key
-from qes_edge.kernels.update import to_fixed
+from qes_edge.kernels import CodeSpace, NoiseTable, Update, native, sample_tensor, tensor_key, to_fixed
 from test_kernels import make_space
 
 UNAVAILABLE = native.unavailable_reason()
@@ -51,8 +50,8 @@ def test_sampled_positions_and_signs_are_identical(sigma):
     size = 3_000_000 if sigma < 1e-3 else 200_000  # enough non-zeros at the sparsest sigma
     for seed in SEEDS:
         key = tensor_key(f"blk.{seed % 7}.ffn_up.weight")
-        want = sample_tensor(seed, key, size, n.gap_tail, n.guide, n.magnitude_tail)
-        got = native.sample_tensor(seed, key, size, n.gap_tail, n.guide, n.magnitude_tail)
+        want = sample_tensor(seed, key, size, n)
+        got = native.sample_tensor(seed, key, size, n)
         assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
@@ -64,8 +63,8 @@ def test_sampled_positions_and_signs_are_identical(sigma):
 def test_sampling_matches_for_any_seed_key_and_length(seed, key, n_elements, sigma):
     n = NOISE[sigma]
     key = np.uint64(key)
-    want = sample_tensor(seed, key, n_elements, n.gap_tail, n.guide, n.magnitude_tail)
-    got = native.sample_tensor(seed, key, n_elements, n.gap_tail, n.guide, n.magnitude_tail)
+    want = sample_tensor(seed, key, n_elements, n)
+    got = native.sample_tensor(seed, key, n_elements, n)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
@@ -170,19 +169,19 @@ def test_update_matches_for_random_histories(data):
 @needs_native
 def test_native_results_do_not_depend_on_thread_count():
     space = make_space(ALL, 0.5, seed=12)
-    noise = (space.noise.gap_tail, space.noise.guide, space.noise.magnitude_tail)
     seeds, weights = history_arrays(np.random.default_rng(1), 4, 6, 40_000)
+    gamma_fx = np.int64(to_fixed(0.9))
     outcomes = []
     for threads in (1, 2, 3):
         buf, gated = space.buf.copy(), space.gated.copy()
         residual = np.zeros(space.n_codes, dtype=np.int16)
-        args = (space.layout, space.tensor_keys, space.tensor_info, space.chunks)
-        changed = native.perturb_codes(buf, *args, np.int64(5), *noise, gated, False, threads=threads)
+        tables = (space.layout, space.table, space.noise)
+        changed = native.perturb_codes(buf, *tables, np.int64(5), gated, False, threads=threads)
         perturbed, perturbed_gated = buf.copy(), gated.copy()
-        native.perturb_codes(buf, *args, np.int64(5), *noise, gated, True, threads=threads)
-        counts = [native.es_update(buf, *args, seeds[t:t + 1], weights[t:t + 1], to_fixed(0.9), True, residual,
-                                   True, *noise, threads=threads) for t in range(4)]
-        counts.append(native.es_update(buf, *args, seeds, weights, to_fixed(0.9), True, residual, False, *noise,
+        native.perturb_codes(buf, *tables, np.int64(5), gated, True, threads=threads)
+        counts = [native.es_update(buf, *tables, Update(seeds[t:t + 1], weights[t:t + 1], gamma_fx, True, True),
+                                   residual, threads=threads) for t in range(4)]
+        counts.append(native.es_update(buf, *tables, Update(seeds, weights, gamma_fx, True, False), residual,
                                        threads=threads))
         outcomes.append((changed, perturbed.tobytes(), perturbed_gated.tobytes(), counts, buf.tobytes(),
                          residual.tobytes()))

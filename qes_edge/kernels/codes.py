@@ -1,20 +1,32 @@
 """Read and write one code of a quant block from the layout tables of ``qes_edge.formats``.
 
-``layout`` is the tuple built by :func:`layout_tables`; ``f`` indexes a format in it.
+``layout`` is the :class:`Layout` built by :func:`layout_tables`; ``f`` indexes a format in it.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
-from ..formats import FORMATS, QuantFormat
+from ..formats import QuantFormat
 
 # Columns of the per-format parameter table.
 LOW_BITS, HIGH_BITS, SIGNED, BLOCK_SHIFT, BLOCK_BYTES, CODE_LO, CODE_HI = range(7)
 
 
-def layout_tables(formats: list[QuantFormat]) -> tuple:
+class Layout(NamedTuple):
+    """The formats' element tables, stacked: row f is format f, column j element j of its block."""
+
+    low_byte: np.ndarray  # int64 [formats, width]: byte of element j's low field, from the block's start
+    low_shift: np.ndarray  # int64 [formats, width]: its shift in that byte
+    high_byte: np.ndarray  # int64 [formats, width]: the same for the high field (unused without one)
+    high_shift: np.ndarray
+    params: np.ndarray  # int64 [formats, 7]: the columns LOW_BITS ... CODE_HI
+
+
+def layout_tables(formats: list[QuantFormat]) -> Layout:
     """Stack the formats' element tables so one kernel serves every quant type."""
     width = max(f.block_elems for f in formats)
     low_byte = np.zeros((len(formats), width), dtype=np.int64)
@@ -29,10 +41,7 @@ def layout_tables(formats: list[QuantFormat]) -> tuple:
         if n & (n - 1):
             raise ValueError(f"{f.name}: block of {n} elements is not a power of two")
         params[i] = (f.low_bits, f.high_bits, int(f.signed), n.bit_length() - 1, f.block_bytes, f.code_lo, f.code_hi)
-    return low_byte, low_shift, high_byte, high_shift, params
-
-
-ALL_FORMATS = list(FORMATS.values())
+    return Layout(low_byte, low_shift, high_byte, high_shift, params)
 
 
 @njit(inline="always")
@@ -45,14 +54,13 @@ def code_address(element, f, params, offset):
 
 @njit(inline="always")
 def read_code(buf, base, j, f, layout):
-    low_byte, low_shift, high_byte, high_shift, params = layout
-    low_bits = params[f, LOW_BITS]
-    high_bits = params[f, HIGH_BITS]
-    code = (np.int64(buf[base + low_byte[f, j]]) >> low_shift[f, j]) & ((1 << low_bits) - 1)
+    low_bits = layout.params[f, LOW_BITS]
+    high_bits = layout.params[f, HIGH_BITS]
+    code = (np.int64(buf[base + layout.low_byte[f, j]]) >> layout.low_shift[f, j]) & ((1 << low_bits) - 1)
     if high_bits:
-        high = (np.int64(buf[base + high_byte[f, j]]) >> high_shift[f, j]) & ((1 << high_bits) - 1)
+        high = (np.int64(buf[base + layout.high_byte[f, j]]) >> layout.high_shift[f, j]) & ((1 << high_bits) - 1)
         code |= high << low_bits
-    if params[f, SIGNED] and code >= (1 << (low_bits + high_bits - 1)):
+    if layout.params[f, SIGNED] and code >= (1 << (low_bits + high_bits - 1)):
         code -= 1 << (low_bits + high_bits)
     return code
 
@@ -66,10 +74,9 @@ def _put_bits(buf, at, shift, bits, value):
 
 @njit(inline="always")
 def write_code(buf, base, j, f, layout, code):
-    low_byte, low_shift, high_byte, high_shift, params = layout
-    low_bits = params[f, LOW_BITS]
-    high_bits = params[f, HIGH_BITS]
+    low_bits = layout.params[f, LOW_BITS]
+    high_bits = layout.params[f, HIGH_BITS]
     unsigned = code & ((1 << (low_bits + high_bits)) - 1)
-    _put_bits(buf, base + low_byte[f, j], low_shift[f, j], low_bits, unsigned)
+    _put_bits(buf, base + layout.low_byte[f, j], layout.low_shift[f, j], low_bits, unsigned)
     if high_bits:
-        _put_bits(buf, base + high_byte[f, j], high_shift[f, j], high_bits, unsigned >> low_bits)
+        _put_bits(buf, base + layout.high_byte[f, j], layout.high_shift[f, j], high_bits, unsigned >> low_bits)

@@ -4,7 +4,8 @@ The functions here take the same arguments as their Numba twins
 (:func:`~qes_edge.kernels.perturb.perturb_codes`,
 :func:`~qes_edge.kernels.update.es_update`,
 :func:`~qes_edge.kernels.noise.sample_tensor`) and give bit-identical results;
-the C code reads the numpy arrays in place.  ``threads`` defaults to what
+each named tuple becomes the C struct of the same fields, and the C code reads
+the numpy arrays in place.  ``threads`` defaults to what
 Numba would use: ``NUMBA_NUM_THREADS`` when set, else OpenMP's default
 (``OMP_NUM_THREADS``, else every core).
 
@@ -27,7 +28,7 @@ from ..errors import QesError
 from .noise import CHUNK, GUIDE_BITS
 from .update import FRACTION_BITS
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_DIR = Path(__file__).with_name("_native")
 LIBRARY_NAME = {"win32": "qes_kernels.dll", "darwin": "libqes_kernels.dylib"}.get(sys.platform, "libqes_kernels.so")
 ENV = "QES_EDGE_KERNELS"
@@ -43,9 +44,18 @@ class _Layout(ctypes.Structure):
                 ("params", _ptr), ("width", _i64)]
 
 
+class _Tensors(ctypes.Structure):
+    _fields_ = [("keys", _ptr), ("info", _ptr), ("chunks", _ptr), ("n_chunks", _i64)]
+
+
 class _Noise(ctypes.Structure):
     _fields_ = [("gap_tail", _ptr), ("gap_len", _i64), ("guide", _ptr), ("magnitude_tail", _ptr),
                 ("magnitude_len", _i64)]
+
+
+class _Update(ctypes.Structure):
+    _fields_ = [("seeds", _ptr), ("weights", _ptr), ("rows", _i64), ("pairs", _i64), ("gamma_fx", _i64),
+                ("feedback", ctypes.c_int), ("stored_residual", ctypes.c_int)]
 
 
 class NativeUnavailable(Exception):
@@ -61,20 +71,18 @@ def _library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise NativeUnavailable(f"cannot load {path}: {e}") from None
+    # An ABI 1 library writes five constants: room for them, so the version check can refuse it.
     constants = (_i64 * 5)()
     lib.qes_constants(constants)
     if tuple(constants[:4]) != (ABI_VERSION, CHUNK, GUIDE_BITS, FRACTION_BITS):
         raise NativeUnavailable(f"{path} is stale (built from other sources); rebuild it")
+    layout, tensors, noise = ctypes.POINTER(_Layout), ctypes.POINTER(_Tensors), ctypes.POINTER(_Noise)
     lib.qes_sample_tensor.restype = _i64
-    lib.qes_sample_tensor.argtypes = [_i64, _u64, _i64, ctypes.POINTER(_Noise), _ptr, _ptr, _i64]
+    lib.qes_sample_tensor.argtypes = [_i64, _u64, _i64, noise, _ptr, _ptr, _i64]
     lib.qes_perturb_codes.restype = _i64
-    lib.qes_perturb_codes.argtypes = [_ptr, ctypes.POINTER(_Layout), _ptr, _ptr, _ptr, _i64, _i64,
-                                      ctypes.POINTER(_Noise), _ptr, ctypes.c_int, ctypes.c_int]
+    lib.qes_perturb_codes.argtypes = [_ptr, layout, tensors, noise, _i64, _ptr, ctypes.c_int, ctypes.c_int]
     lib.qes_es_update.restype = ctypes.c_int
-    lib.qes_es_update.argtypes = [_ptr, ctypes.POINTER(_Layout), _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64,
-                                  _i64, ctypes.c_int, _ptr, ctypes.c_int, ctypes.POINTER(_Noise), _ptr,
-                                  ctypes.c_int]
-    lib.openmp = bool(constants[4])
+    lib.qes_es_update.argtypes = [_ptr, layout, tensors, noise, ctypes.POINTER(_Update), _ptr, _ptr, ctypes.c_int]
     return lib
 
 
@@ -125,83 +133,88 @@ def _address(array: np.ndarray, dtype, writable: bool = False) -> int:
     return array.ctypes.data
 
 
-def _layout(layout: tuple) -> _Layout:
-    low_byte, low_shift, high_byte, high_shift, params = layout
-    tables = [_address(a, np.int64) for a in (low_byte, low_shift, high_byte, high_shift)]
-    if not low_byte.shape == low_shift.shape == high_byte.shape == high_shift.shape or params.shape[1] != 7:
+def _layout(layout) -> _Layout:
+    tables = [_address(a, np.int64) for a in (layout.low_byte, layout.low_shift, layout.high_byte, layout.high_shift)]
+    shapes = {a.shape for a in (layout.low_byte, layout.low_shift, layout.high_byte, layout.high_shift)}
+    if len(shapes) != 1 or layout.params.shape[1] != 7:
         raise ValueError("layout tables disagree in shape")
-    return _Layout(*tables, _address(params, np.int64), low_byte.shape[1])
+    return _Layout(*tables, _address(layout.params, np.int64), layout.low_byte.shape[1])
 
 
-def _noise(gap_tail, guide, magnitude_tail) -> _Noise:
-    if guide.shape != (1 << GUIDE_BITS,):
+def _tensors(tensors) -> _Tensors:
+    keys, info, chunks = tensors.keys, tensors.info, tensors.chunks
+    if info.shape[1:] != (3,) or chunks.shape[1:] != (3,) or keys.shape != info.shape[:1]:
+        raise ValueError("the tensor table's keys, info and chunks disagree in shape")
+    return _Tensors(_address(keys, np.uint64), _address(info, np.int64), _address(chunks, np.int64), chunks.shape[0])
+
+
+def _noise(noise) -> _Noise:
+    if noise.guide.shape != (1 << GUIDE_BITS,):
         raise ValueError(f"guide table must have {1 << GUIDE_BITS} entries")
-    return _Noise(_address(gap_tail, np.uint64), gap_tail.shape[0], _address(guide, np.int64),
-                  _address(magnitude_tail, np.uint64), magnitude_tail.shape[0])
+    return _Noise(_address(noise.gap_tail, np.uint64), noise.gap_tail.shape[0], _address(noise.guide, np.int64),
+                  _address(noise.magnitude_tail, np.uint64), noise.magnitude_tail.shape[0])
 
 
-def _codes_spanned(tensor_info, chunks) -> int:
+def _update(update) -> _Update:
+    seeds, weights = update.seeds, update.weights
+    if seeds.ndim != 2 or seeds.shape != weights.shape or seeds.shape[0] < 1:
+        raise ValueError(f"seeds and weights must be the same [rows >= 1, pairs] shape, got {seeds.shape}, "
+                         f"{weights.shape}")
+    return _Update(_address(seeds, np.int64), _address(weights, np.int64), seeds.shape[0], seeds.shape[1],
+                   int(update.gamma_fx), int(bool(update.feedback)), int(bool(update.stored_residual)))
+
+
+def _codes_spanned(tensors) -> int:
     """One past the highest global code index the chunks reach: what gated and residual must cover."""
-    return int((tensor_info[chunks[:, 0], 2] + chunks[:, 2]).max()) if chunks.shape[0] else 0
+    chunks = tensors.chunks
+    return int((tensors.info[chunks[:, 0], 2] + chunks[:, 2]).max()) if chunks.shape[0] else 0
 
 
-def _space_arrays(tensor_keys, tensor_info, chunks):
-    if tensor_info.shape[1:] != (3,) or chunks.shape[1:] != (3,) or tensor_keys.shape != tensor_info.shape[:1]:
-        raise ValueError("tensor_keys, tensor_info and chunks disagree in shape")
-    return (_address(tensor_keys, np.uint64), _address(tensor_info, np.int64), _address(chunks, np.int64),
-            chunks.shape[0])
+def _threads(threads) -> int:
+    return default_threads() if threads is None else int(threads)
 
 
-def sample_tensor(seed, key, n_elements, gap_tail, guide, magnitude_tail):
+def sample_tensor(seed, key, n_elements, noise):
     """All non-zero (element, delta) of one tensor, as :func:`qes_edge.kernels.noise.sample_tensor`."""
     lib = _library()
-    noise = _noise(gap_tail, guide, magnitude_tail)
+    noise_struct = _noise(noise)
+    gap_tail = noise.gap_tail
     density = 1.0 - float(gap_tail[1]) / 2**64 if gap_tail.shape[0] > 1 else 1.0  # gap_tail[1] = P(delta == 0)
     capacity = int(n_elements * density * 1.1) + 64  # one call almost always; else a second with the count
     while True:
         positions = np.empty(capacity, dtype=np.int64)
         deltas = np.empty(capacity, dtype=np.int8)
-        count = lib.qes_sample_tensor(int(seed), int(key), int(n_elements), ctypes.byref(noise),
+        count = lib.qes_sample_tensor(int(seed), int(key), int(n_elements), ctypes.byref(noise_struct),
                                       positions.ctypes.data, deltas.ctypes.data, capacity)
         if count <= capacity:
             return positions[:count], deltas[:count]
         capacity = count
 
 
-def perturb_codes(buf, layout, tensor_keys, tensor_info, chunks, seed, gap_tail, guide, magnitude_tail,
-                  gated, restore, threads=None):
+def perturb_codes(buf, layout, tensors, noise, seed, gated, restore, threads=None):
     """Apply or undo the perturbation of ``seed``, as :func:`qes_edge.kernels.perturb.perturb_codes`."""
     lib = _library()
-    if gated.shape[0] * 8 < _codes_spanned(tensor_info, chunks):
+    if gated.shape[0] * 8 < _codes_spanned(tensors):
         raise ValueError("gated has fewer bits than the space has codes")
-    layout_struct, noise = _layout(layout), _noise(gap_tail, guide, magnitude_tail)
-    changed = lib.qes_perturb_codes(_address(buf, np.uint8, True), ctypes.byref(layout_struct),
-                                    *_space_arrays(tensor_keys, tensor_info, chunks), int(seed),
-                                    ctypes.byref(noise), _address(gated, np.uint8, True), int(bool(restore)),
-                                    default_threads() if threads is None else int(threads))
+    changed = lib.qes_perturb_codes(_address(buf, np.uint8, True), ctypes.byref(_layout(layout)),
+                                    ctypes.byref(_tensors(tensors)), ctypes.byref(_noise(noise)), int(seed),
+                                    _address(gated, np.uint8, True), int(bool(restore)), _threads(threads))
     if changed < 0:
         raise MemoryError("native perturb_codes: cannot allocate scratch memory")
     return changed
 
 
-def es_update(buf, layout, tensor_keys, tensor_info, chunks, seeds, weights, gamma_fx, feedback, residual,
-              stored_residual, gap_tail, guide, magnitude_tail, threads=None):
+def es_update(buf, layout, tensors, noise, update, residual, threads=None):
     """One error-feedback update, as :func:`qes_edge.kernels.update.es_update`; returns (stepped, blocked)."""
     lib = _library()
-    if seeds.ndim != 2 or seeds.shape != weights.shape or seeds.shape[0] < 1:
-        raise ValueError(f"seeds and weights must be the same [rows >= 1, pairs] shape, got {seeds.shape}, "
-                         f"{weights.shape}")
-    if stored_residual and residual.shape[0] < _codes_spanned(tensor_info, chunks):
+    stored = bool(update.stored_residual)
+    if stored and residual.shape[0] < _codes_spanned(tensors):
         raise ValueError(f"residual has {residual.shape[0]} codes, fewer than the space's")
-    layout_struct, noise = _layout(layout), _noise(gap_tail, guide, magnitude_tail)
     counts = np.zeros(2, dtype=np.int64)
-    status = lib.qes_es_update(_address(buf, np.uint8, True), ctypes.byref(layout_struct),
-                               *_space_arrays(tensor_keys, tensor_info, chunks),
-                               _address(seeds, np.int64), _address(weights, np.int64), seeds.shape[0],
-                               seeds.shape[1], int(gamma_fx), int(bool(feedback)),
-                               _address(residual, np.int16, bool(stored_residual)), int(bool(stored_residual)),
-                               ctypes.byref(noise), counts.ctypes.data,
-                               default_threads() if threads is None else int(threads))
+    status = lib.qes_es_update(_address(buf, np.uint8, True), ctypes.byref(_layout(layout)),
+                               ctypes.byref(_tensors(tensors)), ctypes.byref(_noise(noise)),
+                               ctypes.byref(_update(update)), _address(residual, np.int16, stored),
+                               counts.ctypes.data, _threads(threads))
     if status != 0:
         raise MemoryError("native es_update: cannot allocate scratch memory")
     return int(counts[0]), int(counts[1])

@@ -18,8 +18,8 @@ parallel, and the mirrored seed -s gives exactly -delta.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from decimal import Decimal, localcontext
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -65,13 +65,14 @@ def next_u64(state):
 
 
 @njit(inline="always")
-def draw_gap(state, gap_tail, guide):
+def draw_gap(state, noise):
     """Number of zero deltas before the next non-zero (geometric), by inverse CDF.
 
     ``gap_tail[k]`` = P(gap >= k) * 2**64 (decreasing, entry 0 unused); the gap
     is the largest k with u < gap_tail[k].  Past the table's end the gap is
     memoryless: add the table length and draw again.
     """
+    gap_tail = noise.gap_tail
     last = gap_tail.shape[0] - 1
     gap = np.int64(0)
     while True:
@@ -79,15 +80,16 @@ def draw_gap(state, gap_tail, guide):
         if u < gap_tail[last]:
             gap += last
             continue
-        k = np.int64(guide[u >> np.uint64(64 - GUIDE_BITS)])
+        k = np.int64(noise.guide[u >> np.uint64(64 - GUIDE_BITS)])
         while k < last and gap_tail[k + 1] > u:
             k += 1
         return state, gap + k
 
 
 @njit(inline="always")
-def draw_delta(state, magnitude_tail, sign):
+def draw_delta(state, noise, sign):
     """Sign and magnitude of a non-zero delta; ``sign`` is +1 or -1 (the mirrored seed flips it)."""
+    magnitude_tail = noise.magnitude_tail
     state, u = next_u64(state)
     magnitude = np.int64(1)
     v = u << np.uint64(1)
@@ -107,19 +109,21 @@ def seed_stream(seed, key, start):
 
 
 @njit(inline="always")
-def next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign):
+def next_nonzero(state, element, end, noise, sign):
     """The next non-zero delta at or after ``element``: (state, element, delta); element >= end ends the chunk."""
-    state, gap = draw_gap(state, gap_tail, guide)
+    state, gap = draw_gap(state, noise)
     element += gap
     if element >= end:
         return state, element, np.int64(0)
-    state, delta = draw_delta(state, magnitude_tail, sign)
+    state, delta = draw_delta(state, noise, sign)
     return state, element, delta
 
 
-@dataclass(frozen=True)
-class NoiseTable:
-    """Integer tables for one sigma: the gap distribution and the magnitude distribution."""
+class NoiseTable(NamedTuple):
+    """Integer tables for one sigma: the gap distribution and the magnitude distribution.
+
+    A named tuple, so the kernels take it as one argument (Numba types it field by field).
+    """
 
     sigma: float
     density: float  # P(delta != 0) per code
@@ -213,7 +217,7 @@ _PI = "3.14159265358979323846264338327950288419716939937510582097494459"
 
 
 @njit(cache=True)
-def sample_tensor(seed, key, n_elements, gap_tail, guide, magnitude_tail):
+def sample_tensor(seed, key, n_elements, noise):
     """All non-zero (element, delta) of one tensor: the readable reference for tests and tools."""
     cap = 16
     positions = np.empty(cap, dtype=np.int64)
@@ -225,7 +229,7 @@ def sample_tensor(seed, key, n_elements, gap_tail, guide, magnitude_tail):
         end = min(element + CHUNK, n_elements)
         state, sign = seed_stream(seed, key, element)
         while True:
-            state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+            state, element, delta = next_nonzero(state, element, end, noise, sign)
             if element >= end:
                 break
             if count == cap:

@@ -17,36 +17,34 @@ from .noise import next_nonzero, seed_stream
 
 
 @njit(parallel=True, cache=True)
-def perturb_codes(buf, layout, tensor_keys, tensor_info, chunks, seed, gap_tail, guide, magnitude_tail,
-                  gated, restore):
-    """Apply (``restore=False``) or undo (``restore=True``) the perturbation of ``seed``.
+def perturb_codes(buf, layout, tensors, noise, seed, gated, restore):
+    """Apply (``restore=False``) or undo (``restore=True``) the perturbation of ``seed``; returns codes changed.
 
-    Returns the number of codes changed.  ``tensor_info[t]`` = (byte offset,
-    format index, global index of the tensor's first code); ``chunks[c]`` =
-    (tensor, first element, end element).
+    ``layout``: :class:`~qes_edge.kernels.codes.Layout`; ``tensors``:
+    :class:`~qes_edge.kernels.space.TensorTable`; ``noise``: the
+    :class:`~qes_edge.kernels.noise.NoiseTable` of sigma.
     """
+    chunks = tensors.chunks
     changed = np.zeros(chunks.shape[0], dtype=np.int64)
     for c in prange(chunks.shape[0]):
-        changed[c] = perturb_chunk(buf, layout, tensor_keys, tensor_info, chunks[c], seed, gap_tail, guide,
-                                   magnitude_tail, gated, restore)
+        changed[c] = perturb_chunk(buf, layout, tensors, chunks[c], noise, seed, gated, restore)
     return changed.sum()
 
 
 @njit(cache=True)
-def perturb_chunk(buf, layout, tensor_keys, tensor_info, chunk, seed, gap_tail, guide, magnitude_tail,
-                  gated, restore):
-    params = layout[4]
+def perturb_chunk(buf, layout, tensors, chunk, noise, seed, gated, restore):
+    params = layout.params
     t, start, end = chunk[0], chunk[1], chunk[2]
-    offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
+    offset, f, code_base = tensors.info[t, 0], tensors.info[t, 1], tensors.info[t, 2]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
     # Draw the chunk's deltas first, then touch memory: independent loads overlap.
     elements = np.empty(end - start, dtype=np.int64)
     deltas = np.empty(end - start, dtype=np.int64)
     count = 0
-    state, sign = seed_stream(seed, tensor_keys[t], start)
+    state, sign = seed_stream(seed, tensors.keys[t], start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+        state, element, delta = next_nonzero(state, element, end, noise, sign)
         if element >= end:
             break
         elements[count] = element

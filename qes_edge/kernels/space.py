@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,7 +12,7 @@ from . import native
 from .codes import layout_tables
 from .noise import CHUNK, NoiseTable, tensor_key
 from .perturb import perturb_codes
-from .update import es_update, to_fixed
+from .update import Update, es_update, to_fixed
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,14 @@ class TensorSlot:
     ggml_type: int
     offset: int  # byte offset of the tensor data in the buffer
     n_elements: int
+
+
+class TensorTable(NamedTuple):
+    """The trainable tensors as the kernels walk them, in tensor order."""
+
+    keys: np.ndarray  # uint64 [tensors]: the stream key of each tensor (tensor_key of its name)
+    info: np.ndarray  # int64 [tensors, 3]: byte offset in the buffer, format index, global index of its first code
+    chunks: np.ndarray  # int64 [chunks, 3]: tensor, first element, end element; CHUNK elements at most
 
 
 class CodeSpace:
@@ -58,24 +67,19 @@ class CodeSpace:
         self.formats = formats
         self.n_codes = code_base
         self.layout = layout_tables(formats) if formats else None
-        self.tensor_keys = np.array([tensor_key(s.name) for s in self.tensors], dtype=np.uint64)
-        self.tensor_info = info
-        self.chunks = np.array(chunk_rows, dtype=np.int64).reshape(-1, 3)
+        self.table = TensorTable(np.array([tensor_key(s.name) for s in self.tensors], dtype=np.uint64), info,
+                                 np.array(chunk_rows, dtype=np.int64).reshape(-1, 3))
         self.gated = np.zeros((self.n_codes + 7) // 8, dtype=np.uint8)
-
-    def _noise_args(self):
-        n = self.noise
-        return n.gap_tail, n.guide, n.magnitude_tail
 
     def perturb(self, seed: int) -> int:
         """Add the perturbation of ``seed`` (gated at the code range); returns codes changed."""
-        return int(self._perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
-                                       np.int64(seed), *self._noise_args(), self.gated, False))
+        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed), self.gated,
+                                       False))
 
     def restore(self, seed: int) -> int:
         """Undo :meth:`perturb` of the same seed, giving back the exact original bytes."""
-        return int(self._perturb_codes(self.buf, self.layout, self.tensor_keys, self.tensor_info, self.chunks,
-                                       np.int64(seed), *self._noise_args(), self.gated, True))
+        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed), self.gated,
+                                       True))
 
     def update(self, seeds: np.ndarray, weights: np.ndarray, gamma: float, feedback: bool,
                residual: np.ndarray | None) -> tuple[int, int]:
@@ -94,9 +98,8 @@ class CodeSpace:
             residual = np.zeros(1, dtype=np.int16)
         elif residual.shape != (self.n_codes,):
             raise ValueError(f"residual has {residual.shape} codes, the model has {self.n_codes}")
-        stepped, blocked = self._es_update(self.buf, self.layout, self.tensor_keys, self.tensor_info,
-                                           self.chunks, seeds, weights, np.int64(to_fixed(gamma)), feedback,
-                                           residual, stored, *self._noise_args())
+        update = Update(seeds, weights, np.int64(to_fixed(gamma)), bool(feedback), stored)
+        stepped, blocked = self._es_update(self.buf, self.layout, self.table, self.noise, update, residual)
         return int(stepped), int(blocked)
 
 

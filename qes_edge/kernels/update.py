@@ -21,6 +21,8 @@ its stored residual; the replay store passes its window and starts from zero.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit, prange
 
@@ -41,19 +43,31 @@ def to_fixed(x: float) -> int:
     return whole if x >= 0 else -whole
 
 
+class Update(NamedTuple):
+    """One update's inputs: the rows to replay and how the residual carries between them."""
+
+    seeds: np.ndarray  # int64 [rows, pairs], oldest first; the last row is this iteration
+    weights: np.ndarray  # int64 [rows, pairs], fixed point
+    gamma_fx: np.int64  # the residual's decay, fixed point
+    feedback: bool  # False: plain rounding, no residual
+    stored_residual: bool  # True: start from the residual argument and write it back; False: from zero
+
+
 @njit(parallel=True, cache=True)
-def es_update(buf, layout, tensor_keys, tensor_info, chunks, seeds, weights, gamma_fx, feedback,
-              residual, stored_residual, gap_tail, guide, magnitude_tail):
-    """Returns (codes stepped, steps blocked at the range)."""
+def es_update(buf, layout, tensors, noise, update, residual):
+    """Returns (codes stepped, steps blocked at the range).
+
+    ``residual`` (int16 per code) is read and written only when ``update.stored_residual``.
+    """
+    chunks = tensors.chunks
     counts = np.zeros((chunks.shape[0], 2), dtype=np.int64)
     for c in prange(chunks.shape[0]):
-        update_chunk(buf, layout, tensor_keys, tensor_info, chunks[c], seeds, weights, gamma_fx, feedback,
-                     residual, stored_residual, gap_tail, guide, magnitude_tail, counts[c])
+        update_chunk(buf, layout, tensors, chunks[c], noise, update, residual, counts[c])
     return counts[:, 0].sum(), counts[:, 1].sum()
 
 
 @njit(inline="always")
-def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, magnitude_tail):
+def add_stream(gradient, slot, key, start, end, seed, weight, noise):
     """gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk.
 
     ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
@@ -61,7 +75,7 @@ def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, m
     state, sign = seed_stream(seed, key, start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+        state, element, delta = next_nonzero(state, element, end, noise, sign)
         if element >= end:
             break
         k = slot[element - start]
@@ -71,13 +85,12 @@ def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, m
 
 
 @njit(cache=True)
-def row_gradient(gradient, slot, key, start, end, seeds_row, weights_row, gap_tail, guide, magnitude_tail):
+def row_gradient(gradient, slot, key, start, end, seeds_row, weights_row, noise):
     """One iteration's g = sum_p w_p * delta_p, gathered through ``slot``."""
     gradient[:] = 0
     for p in range(seeds_row.shape[0]):
         if weights_row[p] != 0:
-            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], gap_tail, guide,
-                       magnitude_tail)
+            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], noise)
 
 
 @njit(inline="always")
@@ -89,21 +102,20 @@ def feedback_step(u, error, gamma_fx):
 
 
 @njit(cache=True)
-def update_chunk(buf, layout, tensor_keys, tensor_info, chunk, seeds, weights, gamma_fx, feedback,
-                 residual, stored_residual, gap_tail, guide, magnitude_tail, counts):
-    params = layout[4]
+def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
+    params = layout.params
     t, start, end = chunk[0], chunk[1], chunk[2]
-    offset, f, code_base = tensor_info[t, 0], tensor_info[t, 1], tensor_info[t, 2]
+    offset, f, code_base = tensors.info[t, 0], tensors.info[t, 1], tensors.info[t, 2]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
     n = end - start
-    key = tensor_keys[t]
+    key = tensors.keys[t]
+    seeds, weights, gamma_fx, feedback = update.seeds, update.weights, update.gamma_fx, update.feedback
     last = seeds.shape[0] - 1
     identity = np.arange(n)
     gradient = np.empty(n, dtype=np.int64)
-    row_gradient(gradient, identity, key, start, end, seeds[last], weights[last], gap_tail, guide,
-                 magnitude_tail)
+    row_gradient(gradient, identity, key, start, end, seeds[last], weights[last], noise)
     error = np.zeros(n, dtype=np.int64)
-    if stored_residual:
+    if update.stored_residual:
         # The sidecar keeps every code's residual, so every code decays and is stored.
         codes = identity
         for i in range(n):
@@ -118,7 +130,7 @@ def update_chunk(buf, layout, tensor_keys, tensor_info, chunk, seeds, weights, g
             past = np.empty(codes.size, dtype=np.int64)
             past_error = np.zeros(codes.size, dtype=np.int64)
             for h in range(last):
-                row_gradient(past, slot, key, start, end, seeds[h], weights[h], gap_tail, guide, magnitude_tail)
+                row_gradient(past, slot, key, start, end, seeds[h], weights[h], noise)
                 for k in range(codes.size):
                     _, past_error[k] = feedback_step(past[k], past_error[k], gamma_fx)
             error[codes] = past_error
@@ -135,6 +147,6 @@ def update_chunk(buf, layout, tensor_keys, tensor_info, chunk, seeds, weights, g
                 counts[0] += 1
             else:
                 counts[1] += 1
-    if stored_residual:
+    if update.stored_residual:
         for i in range(n):
             residual[code_base + start + i] = error[i]
