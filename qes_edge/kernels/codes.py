@@ -54,13 +54,14 @@ def code_address(element, f, params, offset):
 
 @njit(inline="always")
 def read_code(buf, base, j, f, layout):
-    low_bits = layout.params[f, LOW_BITS]
-    high_bits = layout.params[f, HIGH_BITS]
-    code = (np.int64(buf[base + layout.low_byte[f, j]]) >> layout.low_shift[f, j]) & ((1 << low_bits) - 1)
+    low_byte, low_shift, high_byte, high_shift, params = layout
+    low_bits = params[f, LOW_BITS]
+    high_bits = params[f, HIGH_BITS]
+    code = (np.int64(buf[base + low_byte[f, j]]) >> low_shift[f, j]) & ((1 << low_bits) - 1)
     if high_bits:
-        high = (np.int64(buf[base + layout.high_byte[f, j]]) >> layout.high_shift[f, j]) & ((1 << high_bits) - 1)
+        high = (np.int64(buf[base + high_byte[f, j]]) >> high_shift[f, j]) & ((1 << high_bits) - 1)
         code |= high << low_bits
-    if layout.params[f, SIGNED] and code >= (1 << (low_bits + high_bits - 1)):
+    if params[f, SIGNED] and code >= (1 << (low_bits + high_bits - 1)):
         code -= 1 << (low_bits + high_bits)
     return code
 
@@ -74,9 +75,10 @@ def _put_bits(buf, at, shift, bits, value):
 
 @njit(inline="always")
 def write_code(buf, base, j, f, layout, code):
-    low_bits = layout.params[f, LOW_BITS]
-    high_bits = layout.params[f, HIGH_BITS]
+    low_byte, low_shift, high_byte, high_shift, params = layout
+    low_bits = params[f, LOW_BITS]
+    high_bits = params[f, HIGH_BITS]
     unsigned = code & ((1 << (low_bits + high_bits)) - 1)
-    _put_bits(buf, base + layout.low_byte[f, j], layout.low_shift[f, j], low_bits, unsigned)
+    _put_bits(buf, base + low_byte[f, j], low_shift[f, j], low_bits, unsigned)
     if high_bits:
-        _put_bits(buf, base + layout.high_byte[f, j], layout.high_shift[f, j], high_bits, unsigned >> low_bits)
+        _put_bits(buf, base + high_byte[f, j], high_shift[f, j], high_bits, unsigned >> low_bits)

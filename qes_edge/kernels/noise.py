@@ -65,14 +65,13 @@ def next_u64(state):
 
 
 @njit(inline="always")
-def draw_gap(state, noise):
+def draw_gap(state, gap_tail, guide):
     """Number of zero deltas before the next non-zero (geometric), by inverse CDF.
 
     ``gap_tail[k]`` = P(gap >= k) * 2**64 (decreasing, entry 0 unused); the gap
     is the largest k with u < gap_tail[k].  Past the table's end the gap is
     memoryless: add the table length and draw again.
     """
-    gap_tail = noise.gap_tail
     last = gap_tail.shape[0] - 1
     gap = np.int64(0)
     while True:
@@ -80,16 +79,15 @@ def draw_gap(state, noise):
         if u < gap_tail[last]:
             gap += last
             continue
-        k = np.int64(noise.guide[u >> np.uint64(64 - GUIDE_BITS)])
+        k = np.int64(guide[u >> np.uint64(64 - GUIDE_BITS)])
         while k < last and gap_tail[k + 1] > u:
             k += 1
         return state, gap + k
 
 
 @njit(inline="always")
-def draw_delta(state, noise, sign):
+def draw_delta(state, magnitude_tail, sign):
     """Sign and magnitude of a non-zero delta; ``sign`` is +1 or -1 (the mirrored seed flips it)."""
-    magnitude_tail = noise.magnitude_tail
     state, u = next_u64(state)
     magnitude = np.int64(1)
     v = u << np.uint64(1)
@@ -109,13 +107,13 @@ def seed_stream(seed, key, start):
 
 
 @njit(inline="always")
-def next_nonzero(state, element, end, noise, sign):
+def next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign):
     """The next non-zero delta at or after ``element``: (state, element, delta); element >= end ends the chunk."""
-    state, gap = draw_gap(state, noise)
+    state, gap = draw_gap(state, gap_tail, guide)
     element += gap
     if element >= end:
         return state, element, np.int64(0)
-    state, delta = draw_delta(state, noise, sign)
+    state, delta = draw_delta(state, magnitude_tail, sign)
     return state, element, delta
 
 
@@ -223,13 +221,14 @@ def sample_tensor(seed, key, n_elements, noise):
     positions = np.empty(cap, dtype=np.int64)
     deltas = np.empty(cap, dtype=np.int8)
     count = 0
+    gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
     n_chunks = (n_elements + CHUNK - 1) // CHUNK
     for chunk in range(n_chunks):
         element = np.int64(chunk) * CHUNK
         end = min(element + CHUNK, n_elements)
         state, sign = seed_stream(seed, key, element)
         while True:
-            state, element, delta = next_nonzero(state, element, end, noise, sign)
+            state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
             if element >= end:
                 break
             if count == cap:

@@ -41,10 +41,11 @@ def perturb_chunk(buf, layout, tensors, chunk, noise, seed, gated, restore):
     elements = np.empty(end - start, dtype=np.int64)
     deltas = np.empty(end - start, dtype=np.int64)
     count = 0
+    gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
     state, sign = seed_stream(seed, tensors.keys[t], start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, noise, sign)
+        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
         if element >= end:
             break
         elements[count] = element

@@ -67,7 +67,7 @@ def es_update(buf, layout, tensors, noise, update, residual):
 
 
 @njit(inline="always")
-def add_stream(gradient, slot, key, start, end, seed, weight, noise):
+def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, magnitude_tail):
     """gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk.
 
     ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
@@ -75,7 +75,7 @@ def add_stream(gradient, slot, key, start, end, seed, weight, noise):
     state, sign = seed_stream(seed, key, start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, noise, sign)
+        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
         if element >= end:
             break
         k = slot[element - start]
@@ -87,10 +87,12 @@ def add_stream(gradient, slot, key, start, end, seed, weight, noise):
 @njit(cache=True)
 def row_gradient(gradient, slot, key, start, end, seeds_row, weights_row, noise):
     """One iteration's g = sum_p w_p * delta_p, gathered through ``slot``."""
+    gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
     gradient[:] = 0
     for p in range(seeds_row.shape[0]):
         if weights_row[p] != 0:
-            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], noise)
+            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], gap_tail, guide,
+                       magnitude_tail)
 
 
 @njit(inline="always")
