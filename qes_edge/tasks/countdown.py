@@ -22,8 +22,9 @@ from collections.abc import Callable, Hashable
 from fractions import Fraction
 
 from qes_edge.errors import QesError
+from qes_edge.tasks.item import Item
 from qes_edge.tasks.rewards import Reward
-from qes_edge.tasks.task import Item, Task
+from qes_edge.tasks.task import Task
 
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 SYMBOLS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}

@@ -11,8 +11,9 @@ import random
 from pathlib import Path
 
 from qes_edge.errors import QesError
+from qes_edge.tasks.item import Item
 from qes_edge.tasks.rewards import Exact, LogProb, Reward
-from qes_edge.tasks.task import Item, Task
+from qes_edge.tasks.task import Task
 
 ROLES = ("system", "user", "assistant")
 

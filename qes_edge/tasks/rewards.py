@@ -21,12 +21,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from qes_edge.errors import QesError
-
-if TYPE_CHECKING:
-    from qes_edge.tasks import Item
+from qes_edge.tasks.item import Item
 
 
 class RewardFunctionError(QesError):

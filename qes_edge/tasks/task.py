@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from qes_edge.tasks.item import Item
 from qes_edge.tasks.rewards import Reward, RewardFunctionError
-
-
-@dataclass(frozen=True)
-class Item:
-    prompt: str | list[dict]  # plain text or chat messages; the evaluator renders them
-    answer: str
-    meta: dict = field(default_factory=dict)  # e.g. countdown numbers and target; JSONL line
 
 
 @dataclass(frozen=True)
