@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from . import settings
 from .errors import QesError
 from .settings import Settings
 
@@ -17,8 +19,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-
-DEFAULTS = Settings()  # the CLI shows and uses the library's defaults
 
 
 class _UserErrors(click.Group):
@@ -44,21 +44,44 @@ def main() -> None:
     cli(prog_name="qes-edge")
 
 
+def setting_options(*chosen: str):
+    """One click option per Settings field (or per ``chosen`` field), made from the field's metadata."""
+
+    def decorate(command):
+        for name in reversed(chosen or settings.names()):
+            command = _setting_option(name)(command)
+        return command
+
+    return decorate
+
+
+def _setting_option(name: str):
+    about, default, kind = settings.about(name), settings.default(name), settings.value_type(name)
+    if kind is bool:  # a flag that flips the default
+        return click.option(settings.option(name), name, is_flag=True, flag_value=not default, default=default,
+                            help=about.help)
+    choices = getattr(about.check, "choices", None)
+    return click.option(settings.option(name), name, type=click.Choice(choices) if choices else kind,
+                        default=default, show_default=default is not None, help=about.help)
+
+
 def _load_config(ctx, param, value):
-    """--config FILE: TOML with the same keys as the options (dashes or underscores)."""
+    """--config FILE: TOML whose keys are the command's option names (dashes or underscores)."""
     if not value:
         return value
     try:
         table = tomllib.loads(Path(value).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise QesError(f"cannot read config {value}: {e}") from None
-    known = {p.name for p in ctx.command.params}
+    by_option = {opt[2:].replace("-", "_"): p for p in ctx.command.params for opt in p.opts if opt.startswith("--")}
     defaults = {}
     for key, item in table.items():
-        name = key.replace("-", "_")
-        if name not in known or name == "config":
+        option = by_option.get(key.replace("-", "_"))
+        if option is None or option.name == "config":
             raise QesError(f"{value}: unknown setting '{key}'")
-        defaults[name] = item
+        if option.is_flag:  # `no-error-feedback = true` is the flag given
+            item = option.flag_value if item else option.default
+        defaults[option.name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -67,72 +90,46 @@ def _load_config(ctx, param, value):
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with the same keys as these options.")
-@click.option("--task", default=DEFAULTS.task, show_default=True, help="Built-in task (arithmetic, countdown) or a JSONL file.")
-@click.option("--reward", default=None, help="exact, contains, regex, numeric, logprob, or module:function.")
-@click.option("--iterations", default=DEFAULTS.iterations, show_default=True, type=int)
-@click.option("--population", default=DEFAULTS.population, show_default=True, type=int, help="Candidates per iteration (even: mirrored pairs).")
-@click.option("--batch", default=DEFAULTS.batch, show_default=True, type=int, help="Prompts each candidate is scored on.")
-@click.option("--max-tokens", default=None, type=int, help="Generation budget (default: the task's).")
-@click.option("--sigma", default=DEFAULTS.sigma, show_default=True, type=float, help="Perturbation scale, in code steps.")
-@click.option("--alpha", default=DEFAULTS.alpha, show_default=True, type=float, help="Learning rate, in code steps.")
-@click.option("--decay", default=DEFAULTS.decay, show_default=True, type=float, help="Residual decay gamma.")
-@click.option("--residual", default=DEFAULTS.residual, show_default=True, type=click.Choice(["sidecar", "replay"]))
-@click.option("--window", default=DEFAULTS.window, show_default=True, type=int, help="Replay window K (iterations).")
-@click.option("--no-error-feedback", is_flag=True, help="Plain round(alpha*g): the paper's control.")
-@click.option("--shaping", default=DEFAULTS.shaping, show_default=True, type=click.Choice(["tscore", "zscore", "rank"]),
-              help="How rewards become pair coefficients (see README).")
-@click.option("--seed", default=DEFAULTS.seed, show_default=True, type=int)
-@click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int, help="Held-out items for accuracy.")
-@click.option("--train-embeddings", is_flag=True, help="Also train the token embedding matrix.")
-@click.option("--threads", default=None, type=int,
-              help="llama.cpp threads (default: physical cores; with --ray: per worker, default 1).")
+@setting_options()
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Score the population on Ray workers: alone, a Ray instance started here; 'auto', the "
                    "cluster running here; or a cluster's address (see README, 'A fleet').")
 @click.option("--workers", default=None, type=int,
               help="With --ray: how many workers (default: the cluster's CPUs / threads, at most the population).")
-@click.option("--eval-every", default=DEFAULTS.eval_every, show_default=True, type=int, help="Held-out evaluation period.")
 @click.option("--run-dir", default=None, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Tuned GGUF (default: RUN_DIR/<model>.qes.gguf).")
 @click.option("--resume", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this directory.")
-def train(model, task, reward, iterations, population, batch, max_tokens, sigma, alpha, decay, residual, window,
-          no_error_feedback, shaping, seed, heldout, train_embeddings, threads, ray_address, workers, eval_every, run_dir, out, resume):
+def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     """Fine-tune MODEL (default: SmolLM2-135M-Instruct Q4_1) on a task; write a tuned GGUF."""
+    from tqdm import tqdm
+
+    from .fleet import Fleet, FleetOptions
     from .gguf_file import default_model_path
+    from .replica import LocalPopulation
     from .report import plot_run, summary_lines
-    from .trainer import Run, RunInUse
+    from .run import Run, RunInUse
+    from .trainer import train as train_run
+    from .working_copy import export, release
 
-    fleet = None
-    if ray_address is not None:
-        from .fleet import FleetOptions
-
-        fleet = FleetOptions(ray_address, workers)
-    elif workers is not None:
+    if ray_address is None and workers is not None:
         raise QesError("--workers goes with --ray")
-    settings = Settings(task=task, reward=reward, iterations=iterations, population=population, batch=batch,
-                        max_tokens=max_tokens, sigma=sigma, alpha=alpha, decay=decay, residual=residual,
-                        window=window, error_feedback=not no_error_feedback, shaping=shaping, seed=seed,
-                        heldout=heldout, train_embeddings=train_embeddings, threads=threads, eval_every=eval_every)
     if resume:
         if model is not None:
             raise QesError("--resume continues a run on its own model: drop MODEL")
-        given = {k: v for k, v in click.get_current_context().params.items()
-                 if click.get_current_context().get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
-        overrides = {k: getattr(settings, k) for k in given if hasattr(settings, k)}
-        run = Run.load(resume, overrides)
+        ctx = click.get_current_context()
+        given = {k: v for k, v in chosen.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+        run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
     else:
         source = model or default_model_path()
         if not source.is_file():
             raise QesError(f"model file not found: {source}")
         run_dir = run_dir or Path("runs") / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = Run.create(run_dir, source, settings)
+        run = Run.create(run_dir, source, Settings(**chosen))
     out = out or run.run_dir / f"{run.source.stem}.qes.gguf"
     click.echo(f"run {run.run_dir}  model {run.source.name}  task {run.settings.task}  "
                f"iteration {run.iteration}/{run.settings.iterations}")
-
-    from tqdm import tqdm
 
     bar = tqdm(total=run.settings.iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
                file=sys.stderr, disable=None)
@@ -151,13 +148,14 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
         bar.update(p.iteration - bar.n)
 
     try:
-        result = run.train(on_progress, on_heldout, fleet)
-        run.export(out)
+        population = LocalPopulation(run) if ray_address is None else Fleet(run, FleetOptions(ray_address, workers))
+        result = train_run(run, population, on_progress, on_heldout)
+        export(run, out)
     finally:
         bar.close()
         plot_run(run.run_dir)
         with contextlib.suppress(RunInUse):  # another process's run: its copy is not ours to delete
-            run.release_live()  # 100+ MB of RAM on /dev/shm; export and --resume rebuild it when needed
+            release(run)  # 100+ MB of RAM on /dev/shm; export and --resume rebuild it when needed
     for line in summary_lines(run.run_dir, result, out):
         click.echo(line)
 
@@ -168,10 +166,11 @@ def train(model, task, reward, iterations, population, batch, max_tokens, sigma,
 @click.option("--ollama", is_flag=True, help="Also write a Modelfile beside the GGUF.")
 def export(run_dir, out, ollama):
     """Write the model of a run (finished or not) to a GGUF."""
-    from .trainer import Run
+    from .run import Run
+    from .working_copy import export as export_run
 
     run = Run.load(run_dir)
-    run.export(out)
+    export_run(run, out)
     click.echo(f"wrote {out} (iteration {run.iteration} of {run.settings.iterations})")
     if ollama:
         from .ollama import write_modelfile
@@ -183,35 +182,32 @@ def export(run_dir, out, ollama):
 
 @cli.command(name="eval")
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--task", default=DEFAULTS.task, show_default=True)
-@click.option("--reward", default=None)
-@click.option("--heldout", default=DEFAULTS.heldout, show_default=True, type=int)
-@click.option("--max-tokens", default=None, type=int)
-@click.option("--seed", default=0, show_default=True, type=int, help="Task seed (the split a run used).")
-@click.option("--threads", default=None, type=int)
+@setting_options("task", "reward", "heldout", "max_tokens", "seed", "threads")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate(model, task, reward, heldout, max_tokens, seed, threads, as_json):
+def evaluate(model, as_json, **chosen):
     """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
     from .evaluator import Evaluator
     from .gguf_file import default_model_path, open_model
+    from .scorer import Scorer
     from .tasks import load_task
-    from .trainer import Scorer
 
+    s = Settings(**chosen)
+    s.check()
     model = model or default_model_path()
     open_model(model)  # a clear error for a file that is not a GGUF
-    spec = load_task(task, reward, seed=seed, heldout=heldout)
-    with Evaluator(model, n_seq_max=16, n_threads=threads) as evaluator:
-        result = Scorer(evaluator, spec, max_tokens or spec.max_tokens).heldout()
+    task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+    with Evaluator(model, n_seq_max=16, n_threads=s.threads) as evaluator:
+        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens).heldout()
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{model.name} on {task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
+        click.echo(f"{model.name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
                    f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
 
 
 @cli.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--train-embeddings", is_flag=True)
+@setting_options("train_embeddings")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model, train_embeddings, as_json):
     """Tensors, types, what trains and why not, and the memory a run needs."""

@@ -15,7 +15,14 @@ _TARGET = os.environ.get("QES_EDGE_CRASH_AT", "")
 _POINT, _, _COUNT = _TARGET.partition(":")
 _reached = 0
 
-POINTS = ("perturb", "evaluate", "update", "checkpoint", "export")
+POINTS = (
+    "perturb",  # a candidate's perturbation applied, the candidate not yet scored
+    "evaluate",  # a candidate scored, its perturbation not yet undone
+    "residual",  # the sidecar residual half written (its header says busy)
+    "update",  # an update applied to the working copy, its checkpoint not yet written
+    "checkpoint",  # a run file (state.json, metrics, live.unsynced) written beside its name, not yet renamed
+    "export",  # the tuned GGUF written beside its name, not yet renamed
+)
 
 
 def crash_point(point: str) -> None:

@@ -7,16 +7,17 @@ own llama.cpp evaluator — and is told only which candidate to score: a
 signed seed and the iteration number (the prompts follow from them).  It
 sends back that candidate's per-prompt rewards.  The driver shapes them into
 pair weights, checkpoints, and broadcasts (seeds, weights); every actor
-applies the same update to its copy and reports a fingerprint (sha256 of its
-tensor data).  Replicas that disagree stop the run: one must never drift
-silently.
+applies the same update to its copy and reports the sha256 of its weights.
+Replicas that disagree stop the run: one must never drift silently.
 
 An actor that dies mid-iteration is dropped; its candidate goes back in the
 queue for the others, and a replacement joins by rebuilding the driver's
 checkpoint (the base model plus the recorded (seeds, weights) rows — a few
 kilobytes) on its own machine.  Rewards are a pure function of (checkpoint,
 seed, prompts), so which actor scored what never changes the result: the
-run's bytes equal a single-process run's.
+run's bytes equal a single-process run's.  The driver holds no working copy
+of its own: one an earlier session left is released when the fleet starts,
+as it would fall behind the checkpoint.
 
 Every worker needs qes-edge installed and the base model at the same path
 as the driver (checked by sha256), plus the task file and any reward module
@@ -26,6 +27,7 @@ if the task uses them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -39,8 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QesError
-from .settings import Settings
-from .trainer import history_from_json, history_to_json
+from .gguf_file import file_sha256
+from .replica import Replica
+from .run import Run
+from .working_copy import WorkingCopy
 
 # Test hook, "<worker>:<point>:<n>": the worker of that index (not its replacement) SIGKILLs
 # itself the n-th time it reaches crash point <point> (see qes_edge.faults).
@@ -56,7 +60,11 @@ class FleetOptions:
 
 
 class Worker:
-    """A Ray actor holding one replica of the run (see the module docstring)."""
+    """A Ray actor holding one replica of the run (see the module docstring).
+
+    ``state``: the driver's state.json; the replica's copy, markers and sidecar
+    go in a directory of the worker's own.
+    """
 
     def __init__(self, state: dict, threads: int):
         self.state, self.threads = state, threads
@@ -65,32 +73,25 @@ class Worker:
         self.dir = None
 
     def start(self) -> dict:
-        """Rebuild the driver's checkpoint here; returns where (host, paths) and the weights' fingerprint."""
-        from .gguf_file import file_sha256
-        from .tasks import load_task
-        from .trainer import Replica, Run
-
+        """Rebuild the driver's checkpoint here; returns where (host, paths) and the sha256 of the weights."""
         host = socket.gethostname()
         try:
-            state = self.state
-            source = Path(state["source"])
+            source = Path(self.state["source"])
             if not source.is_file():
                 raise QesError(f"{host}: the base model {source} is not on this machine "
                                "(every worker needs it at the driver's path)")
-            if file_sha256(source) != state["base_sha256"]:
+            if file_sha256(source) != self.state["base_sha256"]:
                 raise QesError(f"{host}: {source} is not the driver's base model (its sha256 differs)")
-            settings = Settings(**{**state["settings"], "threads": self.threads})
             self.dir = Path(tempfile.mkdtemp(prefix="qes-edge-worker-"))
-            history = history_from_json(state["history"])
-            self.run = Run(self.dir, source, settings, state["base_sha256"], len(history), history)
-            model = self.run.open_model()
-            task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
-            self.replica = Replica(self.run, model, task)
+            driver = Run.from_state(self.dir, self.state)
+            self.run = dataclasses.replace(driver, live_path=None,
+                                           settings=dataclasses.replace(driver.settings, threads=self.threads))
+            self.replica = Replica(WorkingCopy(self.run), self.run.open_model(), self.run.load_task())
         except Exception as e:
             self.failure = f"{e}" if isinstance(e, QesError) else f"{type(e).__name__}: {e}"
             raise
         return {"host": host, "pid": os.getpid(), "paths": [str(self.run.live_path.parent), str(self.dir)],
-                "fingerprint": self.replica.fingerprint()}
+                "weights_sha256": self.replica.weights_sha256()}
 
     def _replica(self):
         if self.replica is None:
@@ -104,10 +105,7 @@ class Worker:
         replica = self._replica()
         self.run.history.append((seeds, weights))
         stepped, blocked = replica.apply(self.run.history)
-        return stepped, blocked, replica.fingerprint()
-
-    def fingerprint(self) -> str:
-        return self._replica().fingerprint()
+        return stepped, blocked, replica.weights_sha256()
 
     def heldout(self) -> dict:
         return self._replica().heldout()
@@ -115,49 +113,55 @@ class Worker:
     def close(self) -> None:
         if self.replica is not None:
             self.replica.close()
-            self.run.release_live()
+            self.replica.copy.release()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Fleet:
-    """The trainer's population on Ray workers: the same interface as :class:`qes_edge.trainer.LocalPopulation`."""
+    """The run's population on Ray workers (see :mod:`qes_edge.replica` for what a population offers)."""
 
-    def __init__(self, run, options: FleetOptions):
+    def __init__(self, run: Run, options: FleetOptions):
+        if (options.workers or 1) < 1:
+            raise QesError(f"--workers must be at least 1, got {options.workers}")
+        run.open_model()  # a bad model or task fails here, before Ray starts, not on every worker
+        run.load_task()
         self.ray = _import_ray()
-        self.run = run
-        self.started_ray = not self.ray.is_initialized()
-        if self.started_ray:
-            _connect(self.ray, options.address)
+        self.run, self.options = run, options
         self.threads = run.settings.threads or 1
-        self.remote_worker = self.ray.remote(Worker)
-        cpus = int(self.ray.cluster_resources().get("CPU", 1))
-        size = options.workers or max(1, min(run.settings.population, cpus // self.threads))
-        if size < 1:
-            raise QesError(f"--workers must be at least 1, got {size}")
+        self.started_ray = False
         self.workers: dict[int, object] = {}  # index -> actor handle
         self.started: dict[int, tuple] = {}  # index -> (ref of its start(), updates it was built with), until checked
         self.where: dict[int, dict] = {}
         self.next_index = 0
-        self.replacements_left = 2 * size
+        self.replacements_left = 0
         self.sent = 0
         self.replaced = 0
-        self.fingerprint = None
+        self.weights_sha256 = None
+
+    def __enter__(self):
+        WorkingCopy(self.run).release()
+        self.started_ray = not self.ray.is_initialized()
+        if self.started_ray:
+            _connect(self.ray, self.options.address)
         try:
+            self.remote_worker = self.ray.remote(Worker)
+            cpus = int(self.ray.cluster_resources().get("CPU", 1))
+            size = self.options.workers or max(1, min(self.run.settings.population, cpus // self.threads))
+            self.replacements_left = 2 * size
             for _ in range(size):
                 self._start()
-            self._agree({i: f for i, (f, _) in self._check_started().items()}, "on joining")
+            self._agree({i: digest for i, (digest, _) in self._check_started().items()}, "on joining")
         except BaseException:
             self.close()
             raise
-
-    # -- the population interface --
-
-    def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+    def dirty(self):
+        return contextlib.nullcontext()  # the workers' copies are rebuilt whenever one starts
 
     def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
         """{(pair, sign): per-prompt rewards}; candidates go to whichever worker is free."""
@@ -190,30 +194,27 @@ class Fleet:
         return rewards
 
     def apply(self, history: list) -> tuple[int, int]:
-        """Broadcast this iteration's (seeds, weights); every replica applies it and reports its fingerprint."""
+        """Broadcast this iteration's (seeds, weights); every replica applies it and reports its weights' sha256."""
         seeds, weights = history[-1]
         refs = {index: worker.apply.remote(seeds, weights) for index, worker in self.workers.items()}
         self._count((seeds, weights), times=len(refs))
-        fingerprints, stepped = {}, None
+        digests, stepped = {}, None
         for index, ref in refs.items():
             try:
-                stepped_here, blocked_here, fingerprints[index] = self._get(ref, index)
-                self._count((stepped_here, blocked_here, fingerprints[index]))
+                stepped_here, blocked_here, digests[index] = self._get(ref, index)
+                self._count((stepped_here, blocked_here, digests[index]))
                 stepped = stepped or (stepped_here, blocked_here)
             except _WorkerDied:
                 self._replace(index)  # it rebuilds the checkpoint, this update included
-        for index, (fingerprint, rows) in self._check_started().items():
+        for index, (digest, rows) in self._check_started().items():
             if rows == len(history):  # joined during this broadcast, built with this update: compare it too
-                fingerprints[index] = fingerprint
-        self._agree(fingerprints, f"after iteration {len(history)}")
+                digests[index] = digest
+        self._agree(digests, f"after iteration {len(history)}")
         return stepped or (None, None)
 
-    def _agree(self, fingerprints: dict, when: str) -> None:
-        """Every replica must hold the same weights; one that drifted stops the run."""
-        if len(set(fingerprints.values())) > 1:
-            detail = ", ".join(f"worker {i} on {self.where[i]['host']}: {f[:12]}" for i, f in fingerprints.items())
-            raise QesError(f"replicas disagree {when} ({detail}); stopped at the previous checkpoint")
-        self.fingerprint = next(iter(fingerprints.values()), self.fingerprint)
+    def _agree(self, digests: dict, when: str) -> None:
+        self.weights_sha256 = agreed_weights(digests, {i: self.where[i]["host"] for i in digests}, when) \
+            or self.weights_sha256
 
     def heldout(self) -> dict:
         while True:
@@ -228,7 +229,7 @@ class Fleet:
     def report(self) -> dict:
         """This iteration's traffic and fleet state, for the metrics line and progress bar."""
         line = {"bytes_sent": self.sent, "workers": len(self.workers), "workers_replaced": self.replaced,
-                "fingerprint": self.fingerprint[:16] if self.fingerprint else None}
+                "weights_sha256": self.weights_sha256[:16] if self.weights_sha256 else None}
         self.sent = self.replaced = 0
         return line
 
@@ -242,6 +243,7 @@ class Fleet:
             self.ray.kill(worker)
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
+            self.started_ray = False
 
     # -- workers coming and going --
 
@@ -251,8 +253,7 @@ class Fleet:
         crash = _crash_plan(index)
         if crash:
             options["runtime_env"] = {"env_vars": {"QES_EDGE_CRASH_AT": crash}}
-        state = {"source": str(self.run.source), "base_sha256": self.run.base_sha256,
-                 "settings": dataclasses.asdict(self.run.settings), "history": history_to_json(self.run.history)}
+        state = self.run.to_state()
         worker = self.remote_worker.options(**options).remote(state, self.threads)
         self._count(state)
         self.workers[index] = worker
@@ -260,16 +261,16 @@ class Fleet:
         return index
 
     def _check_started(self) -> dict:
-        """Wait for workers that have not yet reported their start; {index: (fingerprint, updates built with)}."""
-        fingerprints = {}
+        """Wait for workers that have not yet reported their start; {index: (weights' sha256, updates built with)}."""
+        digests = {}
         while self.started:
             index, (ref, rows) = self.started.popitem()
             try:
                 self.where[index] = self._get(ref, index)
-                fingerprints[index] = (self.where[index]["fingerprint"], rows)
+                digests[index] = (self.where[index]["weights_sha256"], rows)
             except _WorkerDied:
                 self._replace(index)
-        return fingerprints
+        return digests
 
     def _replace(self, index: int) -> int:
         """Drop a dead worker and start another from the driver's checkpoint; returns its index."""
@@ -309,6 +310,14 @@ class Fleet:
 
 class _WorkerDied(Exception):
     pass
+
+
+def agreed_weights(digests: dict[int, str], hosts: dict[int, str], when: str) -> str | None:
+    """The sha256 every replica's weights have; QesError naming them when they differ (one drifted)."""
+    if len(set(digests.values())) > 1:
+        detail = ", ".join(f"worker {i} on {hosts[i]}: {digest[:12]}" for i, digest in digests.items())
+        raise QesError(f"replicas disagree {when} ({detail}); stopped at the previous checkpoint")
+    return next(iter(digests.values()), None)
 
 
 def _crash_plan(index: int) -> str | None:

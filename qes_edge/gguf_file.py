@@ -112,7 +112,7 @@ class ModelFile:
     file_size: int
     tensors: list[TensorInfo]
     metadata: dict[str, object]  # scalar and string metadata; arrays are left out
-    fingerprint: str
+    header_sha256: str
     _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -143,10 +143,11 @@ def open_model(path: os.PathLike | str, train_embeddings: bool = False) -> Model
     ``token_embd.weight`` only with ``train_embeddings``; ``output.weight`` is
     an ordinary matrix.  Finding nothing trainable is not an error here.
 
-    ``fingerprint`` is a sha256 over the file size and every byte before the
+    ``header_sha256`` is a sha256 over the file size and every byte before the
     tensor data (magic, version, all metadata, the tensor table, padding).  It
-    ignores tensor data, so a working copy keeps its source's fingerprint while
-    training edits it; use ``sha256()`` when the weights themselves matter.
+    ignores tensor data, so a working copy keeps its source's header_sha256
+    while training edits it; ``sha256()`` and :func:`weights_sha256` cover the
+    weights.
     """
     path = Path(path)
     header = _scan(path)
@@ -158,7 +159,7 @@ def open_model(path: os.PathLike | str, train_embeddings: bool = False) -> Model
         file_size=header.file_size,
         tensors=[_tensor_info(t, header.data_offset, train_embeddings) for t in header.tensors],
         metadata={r.key: r.value for r in header.records if r.value is not None},
-        fingerprint=header.fingerprint,
+        header_sha256=header.header_sha256,
     )
 
 
@@ -373,7 +374,7 @@ class _Header:
     data_offset: int
     tensors: list[_TableEntry]
     file_size: int
-    fingerprint: str
+    header_sha256: str
 
 
 class _Cursor:
@@ -474,10 +475,10 @@ def _parse_header(buf, size: int) -> _Header:
     table_end = cursor.pos
     data_offset = _pad(table_end, alignment)
     _check_tensor_layout(tensors, alignment, data_offset, size)
-    fingerprint = hashlib.sha256(size.to_bytes(8, "little"))
-    fingerprint.update(buf[: min(data_offset, size)])
+    header_sha256 = hashlib.sha256(size.to_bytes(8, "little"))
+    header_sha256.update(buf[: min(data_offset, size)])
     return _Header(version, alignment, records, table_start, table_end, data_offset, tensors, size,
-                   fingerprint.hexdigest())
+                   header_sha256.hexdigest())
 
 
 def _read_record(cursor: _Cursor) -> _Record:

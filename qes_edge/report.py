@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .gguf_file import ModelFile
+from .run import RunFiles, read_metrics
 from .tasks import mean_with_stderr
 
 
 def plot_run(run_dir: Path) -> Path | None:
     """reward_curve.png: mean train reward per iteration and held-out accuracy (with SE) over iterations."""
-    from .trainer import read_metrics
-
     metrics = read_metrics(run_dir)
     steps = [m for m in metrics if "reward_mean" in m]
     evals = [m for m in metrics if "heldout" in m]
@@ -34,15 +33,13 @@ def plot_run(run_dir: Path) -> Path | None:
     accuracy_axis.set_ylabel("held-out accuracy", color="tab:orange")
     fig.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    path = Path(run_dir) / "reward_curve.png"
+    path = RunFiles(run_dir).reward_curve
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
-    from .trainer import read_metrics
-
     evals = [m for m in read_metrics(run_dir) if "heldout" in m]
     lines = []
     if evals:
@@ -60,7 +57,7 @@ def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
     state = "finished" if result["completed"] else "stopped (continue with --resume)"
     lines.append(f"{state} at iteration {result['iteration']} in {result['seconds'] / 60:.1f} min")
     lines.append(f"tuned model: {out}")
-    lines.append(f"reward curve: {Path(run_dir) / 'reward_curve.png'}")
+    lines.append(f"reward curve: {RunFiles(run_dir).reward_curve}")
     return lines
 
 
@@ -71,5 +68,4 @@ def memory_estimate(model: ModelFile) -> dict:
         "model_file (memory-mapped, shared with llama.cpp)": model.file_size,
         "gating bitmap (RAM)": (codes + 7) // 8,
         "residual sidecar (disk, memory-mapped)": 2 * codes,
-        "residual replay (RAM per chunk, transient)": 0,
     }

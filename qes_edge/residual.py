@@ -26,14 +26,12 @@ from .kernels import FRACTION_BITS, CodeSpace
 
 SIDECAR_MAGIC = b"QESRESID"
 SIDECAR_VERSION = 1
-_HEADER = struct.Struct("<8sIIQqI32s")  # magic, version, fraction bits, codes, updates held, busy, fingerprint
+_HEADER = struct.Struct("<8sIIQqI32s")  # magic, version, fraction bits, codes, updates held, busy, model header
 HEADER_BYTES = 128
 
 
 class NoResidual:
     """No error feedback: each step is round(alpha * g) and the remainder is lost."""
-
-    kind = "none"
 
     def update(self, space: CodeSpace, history: list, gamma: float) -> tuple[int, int]:
         seeds, weights = history[-1]
@@ -49,11 +47,7 @@ class NoResidual:
 class ReplayResidual:
     """Rebuild the residual from the last ``window`` iterations' seeds and weights."""
 
-    kind = "replay"
-
     def __init__(self, window: int = 50):
-        if window < 0:
-            raise QesError(f"--window must be >= 0, got {window}")
         self.window = window
 
     def update(self, space: CodeSpace, history: list, gamma: float) -> tuple[int, int]:
@@ -72,11 +66,10 @@ class ReplayResidual:
 class SidecarResidual:
     """The residual as a memory-mapped int16 file beside the run (not in RAM)."""
 
-    kind = "sidecar"
-
-    def __init__(self, path: Path, fingerprint: str, n_codes: int):
+    def __init__(self, path: Path, header_sha256: str, n_codes: int):
+        """``header_sha256``: the base model's (:attr:`qes_edge.gguf_file.ModelFile.header_sha256`)."""
         self.path = Path(path)
-        self.fingerprint = fingerprint
+        self.header_sha256 = header_sha256
         self.n_codes = n_codes
         if not self.path.exists():
             self._create()
@@ -92,7 +85,7 @@ class SidecarResidual:
 
     def _header(self, updates: int, busy: bool) -> bytes:
         fields = _HEADER.pack(SIDECAR_MAGIC, SIDECAR_VERSION, FRACTION_BITS, self.n_codes, updates, int(busy),
-                              bytes.fromhex(self.fingerprint))
+                              bytes.fromhex(self.header_sha256))
         return fields.ljust(HEADER_BYTES, b"\0")
 
     def _read_header(self) -> tuple:
@@ -103,11 +96,11 @@ class SidecarResidual:
         return _HEADER.unpack(raw[:_HEADER.size])
 
     def _check_header(self) -> None:
-        _, version, bits, codes, _, _, fingerprint = self._read_header()
+        _, version, bits, codes, _, _, header_sha256 = self._read_header()
         if version != SIDECAR_VERSION or bits != FRACTION_BITS:
             raise QesError(f"{self.path}: residual sidecar version {version}/{bits} bits, "
                            f"this qes-edge writes {SIDECAR_VERSION}/{FRACTION_BITS}")
-        if fingerprint.hex() != self.fingerprint or codes != self.n_codes:
+        if header_sha256.hex() != self.header_sha256 or codes != self.n_codes:
             raise QesError(f"{self.path}: residual sidecar belongs to a different base model")
         if self.path.stat().st_size != HEADER_BYTES + 2 * self.n_codes:
             raise QesError(f"{self.path}: residual sidecar is truncated")
@@ -129,19 +122,13 @@ class SidecarResidual:
             raise QesError(f"{self.path}: residual holds {held} updates, expected {len(history) - 1}")
         self._mark(held, busy=True)
         result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.values)
-        crash_point("update")  # the residual is half written: its header still says busy
+        crash_point("residual")  # the residual is half written: its header still says busy
         self._mark(held + 1, busy=False)
         return result
 
     def flush(self) -> None:
-        """Put the residual on disk (the trainer does, when it closes or cannot tell a reboot)."""
+        """Put the residual on disk (the working copy does, when it closes or cannot tell a reboot)."""
         self.values.flush()
-
-    def reset(self) -> None:
-        """Zero the residual (used when a run is rebuilt from its history)."""
-        self.values[:] = 0
-        self.values.flush()
-        self._mark(0, busy=False)
 
     def close(self) -> None:
         """Unmap the residual; its writes stay in the page cache (:meth:`flush` puts them on disk)."""

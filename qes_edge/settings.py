@@ -1,64 +1,187 @@
-"""A run's settings: what decides its result, with the defaults the CLI shows.
+"""A run's settings: one field each, with everything else about it in the field's metadata.
 
-Kept apart from the trainer so the CLI can show the defaults without loading llama.cpp.
+A field's :class:`About` gives the option's help, the values the setting may
+take, whether a resumed run may change it, and whether the tuned GGUF records
+it.  The CLI's options, the checks, the resume comparison, the ``qes.*``
+provenance and the fleet's copy of the settings all follow from the fields,
+so adding a setting is adding a field here.
+
+Kept free of numpy and llama.cpp so that the CLI starts at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .errors import QesError
 
 
+# ---- what values a setting may take: each says what is wrong with a value, or None -------------
+
+@dataclass(frozen=True)
+class AtLeast:
+    low: int
+
+    def problem(self, value) -> str | None:
+        return None if value >= self.low else f"must be at least {self.low}"
+
+
+@dataclass(frozen=True)
+class Positive:
+    def problem(self, value) -> str | None:
+        return None if value > 0 else "must be positive"
+
+
+@dataclass(frozen=True)
+class Within:
+    """low <= value <= high, or low < value <= high when ``open_low``."""
+
+    low: float
+    high: float
+    open_low: bool = False
+
+    def problem(self, value) -> str | None:
+        above = self.low < value if self.open_low else self.low <= value
+        if above and value <= self.high:
+            return None
+        return f"must be in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple[str, ...]
+
+    def problem(self, value) -> str | None:
+        if value in self.choices:
+            return None
+        return f"must be {', '.join(self.choices[:-1])} or {self.choices[-1]}"
+
+
+@dataclass(frozen=True)
+class MirroredPairs:
+    def problem(self, value) -> str | None:
+        return None if value >= 2 and value % 2 == 0 else "must be even and at least 2 (mirrored pairs)"
+
+
+@dataclass(frozen=True)
+class About:
+    """What the CLI and a run need to know about a setting besides its default."""
+
+    help: str  # the option's help; for a flag, what giving the flag does
+    check: AtLeast | Positive | Within | OneOf | MirroredPairs | None = None  # None values are never checked
+    free_on_resume: bool = False  # a resumed run may change it: it does not change the result
+    recorded: bool = True  # written to the tuned GGUF as qes.<name>
+    recorded_as: Callable[[Settings], Any] | None = None  # the value recorded, when not the field's own
+
+
+def setting(default, help: str, **about) -> Any:
+    return field(default=default, metadata={"about": About(help, **about)})
+
+
 @dataclass
 class Settings:
-    """Everything that decides a run's result (and a few things that do not: threads, eval_every, out)."""
+    """Everything that decides a run's result, and the few ``free_on_resume`` things that do not.
 
-    task: str = "arithmetic"
-    reward: str | None = None
-    iterations: int = 25
-    population: int = 8
-    batch: int = 16
-    max_tokens: int | None = None
-    sigma: float = 0.005
-    alpha: float = 0.02
-    decay: float = 0.9
-    residual: str = "sidecar"
-    window: int = 50
-    error_feedback: bool = True
-    shaping: str = "tscore"
-    seed: int = 0
-    heldout: int = 128
-    train_embeddings: bool = False
-    threads: int | None = None
-    eval_every: int = 5
+    The fields' order is the order of the CLI's options and of the ``qes.*``
+    records.  ``recorded=False`` on a result-deciding setting keeps it out of
+    those records, which stay the ones exports have always had: a new record
+    changes every tuned file's bytes.
+    """
 
-    # Changing any other setting on --resume would change the result.
-    FREE_ON_RESUME = ("iterations", "threads", "eval_every")
+    task: str = setting("arithmetic", "Built-in task (arithmetic, countdown) or a JSONL file.")
+    reward: str | None = setting(None, "exact, contains, regex, numeric, logprob, or module:function.")
+    iterations: int = setting(25, "Iterations to train (a resumed run may raise it).", check=AtLeast(0),
+                              free_on_resume=True)
+    sigma: float = setting(0.005, "Perturbation scale, in code steps.", check=Within(0, 4, open_low=True))
+    alpha: float = setting(0.02, "Learning rate, in code steps.", check=Positive())
+    decay: float = setting(0.9, "Residual decay gamma.", check=Within(0, 1))
+    population: int = setting(8, "Candidates per iteration (even: mirrored pairs).", check=MirroredPairs())
+    batch: int = setting(16, "Prompts each candidate is scored on.", check=AtLeast(1))
+    max_tokens: int | None = setting(None, "Generation budget (default: the task's).", check=AtLeast(1),
+                                     recorded=False)
+    residual: str = setting("sidecar", "Where the residual lives: a file beside the run, or rebuilt by replay.",
+                            check=OneOf(("sidecar", "replay")), recorded_as=lambda s: s.residual_kind)
+    window: int = setting(50, "Replay window K (iterations).", check=AtLeast(0))
+    error_feedback: bool = setting(True, "Plain round(alpha*g): the paper's control.", recorded=False)
+    shaping: str = setting("tscore", "How rewards become pair coefficients (see README).",
+                           check=OneOf(("tscore", "zscore", "rank")), recorded=False)
+    seed: int = setting(0, "Run seed: the task's split, each iteration's prompts and perturbations.")
+    heldout: int = setting(128, "Held-out items for accuracy.", check=AtLeast(1), recorded=False)
+    train_embeddings: bool = setting(False, "Also train the token embedding matrix.", recorded=False)
+    threads: int | None = setting(None, "llama.cpp threads (default: physical cores; with --ray: per worker, "
+                                        "default 1).", free_on_resume=True, recorded=False)
+    eval_every: int = setting(5, "Held-out evaluation period.", check=AtLeast(1), free_on_resume=True,
+                              recorded=False)
+
+    @property
+    def residual_kind(self) -> str:
+        """The residual store in effect: sidecar, replay, or none without error feedback."""
+        return self.residual if self.error_feedback else "none"
 
     def check(self) -> None:
-        if self.population < 2 or self.population % 2:
-            raise QesError(f"--population must be even and at least 2 (mirrored pairs), got {self.population}")
-        for name in ("iterations", "batch", "heldout", "eval_every"):
-            if getattr(self, name) < (0 if name == "iterations" else 1):
-                raise QesError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 < self.sigma <= 4:
-            raise QesError(f"--sigma must be in (0, 4], got {self.sigma}")
-        if not self.alpha > 0:
-            raise QesError(f"--alpha must be positive, got {self.alpha}")
-        if not 0 <= self.decay <= 1:
-            raise QesError(f"--decay must be in [0, 1], got {self.decay}")
-        if self.residual not in ("sidecar", "replay"):
-            raise QesError(f"--residual must be sidecar or replay, got {self.residual}")
-        if self.shaping not in ("tscore", "zscore", "rank"):
-            raise QesError(f"--shaping must be tscore, zscore or rank, got {self.shaping}")
+        """QesError, naming the option, for the first setting that is out of its range."""
+        for name in names():
+            value = getattr(self, name)
+            rule = about(name).check
+            problem = rule.problem(value) if rule is not None and value is not None else None
+            if problem:
+                raise QesError(f"{option(name)} {problem}, got {value}")
         if self.shaping == "tscore" and self.batch < 2:
             raise QesError("--shaping tscore needs --batch 2 or more (it weighs each pair by its standard error)")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise QesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if self.window < 0:
-            raise QesError(f"--window must be >= 0, got {self.window}")
 
-    def result_keys(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.FREE_ON_RESUME}
+    def resumed_with(self, given: dict[str, Any]) -> Settings:
+        """These settings with ``given`` ({name: value}) applied, on a run that resumes.
+
+        A setting that is not free on resume and differs from the run's is
+        refused, in one line naming its option: it would change the result.
+        """
+        for name, value in given.items():
+            if value != getattr(self, name) and not about(name).free_on_resume:
+                raise QesError(f"{option(name)} differs from the run's ({name} = {getattr(self, name)!r}); "
+                               "it would change the result — start a new run instead")
+        resumed = dataclasses.replace(self, **given)
+        resumed.check()
+        return resumed
+
+    def provenance(self) -> dict[str, Any]:
+        """The recorded settings, in field order, as the tuned GGUF's qes.* metadata holds them."""
+        records = {}
+        for name in names():
+            about_it = about(name)
+            if about_it.recorded:
+                value = about_it.recorded_as(self) if about_it.recorded_as else getattr(self, name)
+                records[name] = "" if value is None else value
+        return records
+
+
+def names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings)]
+
+
+def about(name: str) -> About:
+    return Settings.__dataclass_fields__[name].metadata["about"]
+
+
+def default(name: str) -> Any:
+    return Settings.__dataclass_fields__[name].default
+
+
+def value_type(name: str) -> type:
+    """int, float, str or bool: the type a setting's values have when it has one (Optional unwrapped)."""
+    hint = _type_hints()[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def option(name: str) -> str:
+    """The CLI option that gives a setting: --max-tokens; for a flag, the one that flips its default."""
+    negated = value_type(name) is bool and default(name) is True
+    return f"--{'no-' if negated else ''}{name.replace('_', '-')}"

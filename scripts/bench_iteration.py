@@ -87,25 +87,30 @@ def settings_from(args) -> Settings:
 
 
 def time_breakdown(model: Path, settings: Settings) -> dict:
-    from qes_edge import trainer
     from qes_edge.kernels import CodeSpace
+    from qes_edge.replica import LocalPopulation
     from qes_edge.residual import ReplayResidual, SidecarResidual
+    from qes_edge.run import Run
+    from qes_edge.scorer import Scorer
+    from qes_edge.trainer import train
+    from qes_edge.working_copy import WorkingCopy, release
 
     clock = Clock()
-    clock.wrap(trainer.Scorer, "rewards", "inference")
-    clock.wrap(trainer.Scorer, "heldout", "held-out evaluation")
+    clock.wrap(Scorer, "rewards", "inference")
+    clock.wrap(Scorer, "heldout", "held-out evaluation")
     clock.wrap(CodeSpace, "perturb", "perturb")
     clock.wrap(CodeSpace, "restore", "restore")
     clock.wrap(SidecarResidual, "update", "update")
     clock.wrap(ReplayResidual, "update", "update")
-    clock.wrap(trainer.Run, "save", "checkpoint")
-    clock.wrap(trainer.Replica, "sync", "sync")
-    clock.wrap(trainer, "_append_metrics", "metrics")
+    clock.wrap(Run, "save", "checkpoint")
+    clock.wrap(WorkingCopy, "sync", "sync")
+    clock.wrap(Run, "append_metrics", "metrics")
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
-        run = trainer.Run.create(Path(tmp) / "run", model, settings)
+        run = Run.create(Path(tmp) / "run", model, settings)
         started = time.perf_counter()
-        run.train()
+        train(run, LocalPopulation(run))
         total = time.perf_counter() - started
+        release(run)
         run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     n = settings.iterations
     seconds = dict(clock.seconds)
@@ -125,10 +130,15 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
 
 def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
     """Run in a child process: peak RSS and PSS of inference only, or of training with a residual store."""
-    from qes_edge import trainer
+    from qes_edge.es import iteration_batch
     from qes_edge.evaluator import Evaluator
     from qes_edge.gguf_file import make_working_copy
+    from qes_edge.replica import LocalPopulation
+    from qes_edge.run import Run
+    from qes_edge.scorer import Scorer
     from qes_edge.tasks import load_task
+    from qes_edge.trainer import train
+    from qes_edge.working_copy import release
 
     peak_pss = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) \
@@ -137,15 +147,15 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
             live = make_working_copy(model, Path(tmp) / "live.gguf")
             task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
             with Evaluator(live, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-                scorer = trainer.Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
+                scorer = Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
                 for t in range(settings.iterations):
-                    batch = trainer.iteration_batch(task, settings.seed, t, settings.batch)
+                    batch = iteration_batch(task, settings.seed, t, settings.batch)
                     for _ in range(settings.population):
                         scorer.rewards(batch)
                         peak_pss = max(peak_pss, pss_mb())
             sidecar_bytes = 0
         else:
-            original = trainer.Scorer.rewards
+            original = Scorer.rewards
 
             def sampled(self, items):
                 nonlocal peak_pss
@@ -153,12 +163,13 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
                 peak_pss = max(peak_pss, pss_mb())
                 return result
 
-            trainer.Scorer.rewards = sampled
+            Scorer.rewards = sampled
             store = mode.removeprefix("train-")
             run_dir = Path(tmp) / "run"
-            run = trainer.Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
-            run.train(on_progress=lambda p: None)
+            run = Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
+            train(run, LocalPopulation(run))
             peak_pss = max(peak_pss, pss_mb())
+            release(run)
             sidecar = run_dir / "residual.bin"
             sidecar_bytes = sidecar.stat().st_size if sidecar.exists() else 0
     return {"peak_rss_mb": peak_rss_mb(), "peak_pss_mb": peak_pss, "sidecar_bytes": sidecar_bytes}

@@ -109,7 +109,7 @@ def bench_kernel_set(kernels, buf, slots, model, history, workdir, args):
 
     perturb_restore_ms = timed(perturb_restore, 5 if args.quick else 21)
 
-    sidecar = SidecarResidual(workdir / f"residual-{kernels}.bin", model.fingerprint, space.n_codes)
+    sidecar = SidecarResidual(workdir / f"residual-{kernels}.bin", model.header_sha256, space.n_codes)
     sidecar_history = []
 
     def sidecar_update():

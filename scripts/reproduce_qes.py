@@ -54,7 +54,12 @@ from qes_edge.evaluator import Evaluator
 from qes_edge.gguf_file import default_model_path, make_working_copy, open_model, weights_sha256
 from qes_edge.settings import Settings
 from qes_edge.tasks import load_task, mean_with_stderr
-from qes_edge.trainer import Run, Scorer, iteration_batch, iteration_seeds, read_metrics, shape_rewards
+from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards
+from qes_edge.replica import LocalPopulation
+from qes_edge.run import Run, read_metrics
+from qes_edge.scorer import Scorer
+from qes_edge.trainer import train
+from qes_edge.working_copy import export, release
 
 QUICK = dict(iterations=2, population=2, batch=2, heldout=8)
 WINDOWS, DECAYS = (4, 50), (0.5, 0.9)
@@ -78,10 +83,10 @@ def outcome(before: dict, after: dict, seconds: float) -> dict:
 def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
     """A real `qes-edge train` run (resumed if run_dir holds one), exported and summarized."""
     run = Run.load(run_dir) if (run_dir / "state.json").exists() else Run.create(run_dir, source, settings)
-    run.train()
+    train(run, LocalPopulation(run))
     out = run_dir / "tuned.gguf"
-    run.export(out)
-    run.release_live()
+    export(run, out)
+    release(run)
     metrics = read_metrics(run_dir)
     evals = [m for m in metrics if "heldout" in m]
     result = outcome(evals[0]["heldout"], evals[-1]["heldout"], sum(m.get("iteration_s", 0) for m in metrics))

@@ -32,8 +32,8 @@ from qes_edge.evaluator import Evaluator
 from qes_edge.gguf_file import make_working_copy
 from qes_edge.kernels import FRACTION_BITS, CodeSpace, TensorSlot
 from qes_edge.residual import SidecarResidual
+from qes_edge.run import Run
 from qes_edge.tasks import accuracy_with_stderr, load_task
-from qes_edge.trainer import Run
 
 BYTE_BITS = 8  # the 1-byte residual keeps steps of 2**-8 code
 QUANTUM = 1 << (FRACTION_BITS - BYTE_BITS)
@@ -59,7 +59,7 @@ def replay(run: Run, model, live: Path, byte_residual: bool) -> tuple[int, float
     buf = np.memmap(live, dtype=np.uint8, mode="r+")
     slots = [TensorSlot(t.name, t.ggml_type, t.offset, t.n_elements) for t in model.trainable]
     space = CodeSpace(buf, slots, run.settings.sigma)
-    store = SidecarResidual(live.with_suffix(".residual"), model.fingerprint, space.n_codes)
+    store = SidecarResidual(live.with_suffix(".residual"), model.header_sha256, space.n_codes)
     stepped, start = 0, time.perf_counter()
     for t in range(len(run.history)):
         stepped += store.update(space, run.history[:t + 1], run.settings.decay)[0]

@@ -1,4 +1,4 @@
-"""Valid random quant blocks of every trainable format, for tests that need real bytes.
+"""Valid random quant blocks of every trainable format, and code spaces made of them.
 
 Legacy formats are quantized from random floats with ``gguf.quants``; K-quant
 blocks (which gguf-py cannot quantize) are built byte by byte with small,
@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from qes_edge.formats import FORMATS
+from qes_edge.kernels import CodeSpace, TensorSlot
 
 LEGACY = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 K_QUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
@@ -39,7 +40,11 @@ def random_blocks(qtype: QT, n_blocks: int, rng: np.random.Generator) -> np.ndar
 
 
 def step_size(qtype: QT, block: np.ndarray, j: int) -> float:
-    """How much one code step changes the weight of element j (DESIGN.md's table), from the scales."""
+    """How much one code step changes the weight of element j, from the block's scales.
+
+    Legacy formats: d.  Q4_K and Q5_K: d times the 6-bit scale of the element's
+    sub-block of 32.  Q6_K: d times the int8 scale of its sub-block of 16.
+    """
     d = float(block[0:2].view(np.float16)[0]) if qtype != QT.Q6_K else float(block[208:210].view(np.float16)[0])
     if qtype in LEGACY:
         return d
@@ -57,3 +62,22 @@ def step_size(qtype: QT, block: np.ndarray, j: int) -> float:
 def dequantize(qtype: QT, raw: np.ndarray) -> np.ndarray:
     fmt = FORMATS[qtype]
     return quants.dequantize(raw.reshape(-1, fmt.block_bytes), qtype).reshape(-1).astype(np.float64)
+
+
+def make_space(qtypes, sigma, seed=0, edge_fraction=0.3):
+    """A buffer holding one tensor per quant type, with many codes pushed to the range's edges."""
+    rng = np.random.default_rng(seed)
+    parts, slots, offset = [], [], 16  # a non-zero start, like tensor data inside a GGUF
+    for i, qtype in enumerate(qtypes):
+        fmt = FORMATS[qtype]
+        n_blocks = 10240 // fmt.block_elems  # 10240 elements: more than one 8192-element chunk
+        raw = random_blocks(qtype, n_blocks, rng)
+        codes = fmt.read_codes(raw)
+        edge = rng.random(codes.size) < edge_fraction
+        codes[edge] = np.where(rng.random(edge.sum()) < 0.5, fmt.code_lo, fmt.code_hi)
+        fmt.write_codes(raw, codes)
+        parts.append(raw)
+        slots.append(TensorSlot(f"blk.{i}.{fmt.name}", int(qtype), offset, codes.size))
+        offset += raw.size
+    buf = np.concatenate([np.zeros(16, np.uint8)] + parts)
+    return CodeSpace(buf, slots, sigma)

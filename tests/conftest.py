@@ -1,13 +1,19 @@
 """Shared fixtures: the real SmolLM2 model, copies of it, the same model in other
-quant types, and small synthetic GGUFs for the cases SmolLM2 cannot show.
+quant types, small synthetic GGUFs for the cases SmolLM2 cannot show, and a
+JSONL task for short training runs.
 
 GGUF files made here are written with gguf-py's own GGUFWriter, so they are an
 independent check of qes_edge's reading and export code.
+
+Tests marked ``unit`` (``pytest -m unit``, the fast tier) load no model and
+start no process; the hooks at the end hold them to it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +27,16 @@ from qes_edge.gguf_file import default_model_path
 
 # Quant types the default Q4_1 model can be requantized to in numpy.
 REQUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+MODEL_FIXTURES = {"default_model", "tmp_model_copy", "default_reader", "model_of_type"}
+
+REWARD = '''
+def score(completion, item):
+    """A reward that changes whenever the text does: candidates disagree, so codes move."""
+    return (sum(map(ord, completion)) % 97) / 97.0
+
+def explode(completion, item):
+    raise RuntimeError("boom")
+'''
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +128,39 @@ def _encode(values: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     if ggml_type == GGMLQuantizationType.F16:
         return values.astype(np.float16)
     return gguf.quants.quantize(values.astype(np.float32), ggml_type)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """data.jsonl (8 chat items) and rewards_for_tests.py (``score``, and ``explode``, which raises)."""
+    root = tmp_path_factory.mktemp("workspace")
+    (root / "rewards_for_tests.py").write_text(REWARD)
+    lines = [{"messages": [{"role": "user", "content": f"Name a colour number {i}."}], "answer": "red"}
+             for i in range(8)]
+    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    """`qes-edge train` options for a run of seconds that still moves codes (with the workspace's reward)."""
+    return ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
+            "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "2"]
+
+
+# ---- the fast tier -----------------------------------------------------------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("unit") and used:
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but loads the model ({', '.join(sorted(used))})")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    if request.node.get_closest_marker("unit"):
+        def refuse(*args, **kwargs):
+            raise AssertionError("a unit test starts no process: mark it otherwise")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

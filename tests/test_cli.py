@@ -12,29 +12,7 @@ from gguf import GGUFReader
 
 from qes_edge.cli import cli
 from qes_edge.formats import format_of
-
-REWARD = '''
-def score(completion, item):
-    """A reward that changes whenever the text does: candidates disagree, so codes move."""
-    return (sum(map(ord, completion)) % 97) / 97.0
-
-def explode(completion, item):
-    raise RuntimeError("boom")
-'''
-
-TINY = ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
-        "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "2"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    (root / "rewards_for_tests.py").write_text(REWARD)
-    lines = [{"messages": [{"role": "user", "content": f"Name a colour number {i}."}], "answer": "red"}
-             for i in range(8)]
-    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return root
-
+from qes_edge.kernels import native
 
 def train(workspace, *args):
     runner = CliRunner()
@@ -50,10 +28,10 @@ def fields(reader):
     return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
 
 
-def test_train_writes_a_gguf_that_differs_only_in_trainable_codes(workspace, default_model, tmp_path):
+def test_train_writes_a_gguf_that_differs_only_in_trainable_codes(workspace, default_model, tmp_path, tiny):
     before = sha256(default_model)
     out = tmp_path / "tuned.gguf"
-    result = train(workspace, str(default_model), *TINY, "--run-dir", str(tmp_path / "run"), "--out", str(out))
+    result = train(workspace, str(default_model), *tiny, "--run-dir", str(tmp_path / "run"), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert sha256(default_model) == before  # the source is never written
     for name in ("state.json", "metrics.jsonl", "reward_curve.png"):
@@ -84,20 +62,27 @@ def test_train_writes_a_gguf_that_differs_only_in_trainable_codes(workspace, def
         changed += int(np.sum(codes != fmt.read_codes(raw_a)))
     assert changed > 0
 
+    # Stock llama-cpp-python runs the tuned file, and computes something else than from the base model.
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(out), n_ctx=256, verbose=False)
-    text = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
-    assert len(text) > 0
+    logits = []
+    for path in (default_model, out):
+        llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+        try:
+            llm.eval(llm.tokenize(b"The capital of France is"))
+            logits.append(np.array(llm.scores[llm.n_tokens - 1]))
+        finally:
+            llm.close()
+    assert np.isfinite(logits[1]).all() and not np.array_equal(logits[0], logits[1])
 
 
-def test_resume_gives_the_bytes_of_an_uninterrupted_run(workspace, default_model, tmp_path):
+def test_resume_gives_the_bytes_of_an_uninterrupted_run(workspace, default_model, tmp_path, tiny):
     straight = tmp_path / "straight.gguf"
-    assert train(workspace, str(default_model), "--iterations", "3", *TINY[2:], "--run-dir", str(tmp_path / "a"),
+    assert train(workspace, str(default_model), "--iterations", "3", *tiny[2:], "--run-dir", str(tmp_path / "a"),
                  "--out", str(straight)).exit_code == 0
 
     # stopped after one iteration, then continued
-    first = train(workspace, str(default_model), "--iterations", "1", *TINY[2:], "--run-dir", str(tmp_path / "b"))
+    first = train(workspace, str(default_model), "--iterations", "1", *tiny[2:], "--run-dir", str(tmp_path / "b"))
     assert first.exit_code == 0, first.output
     resumed = tmp_path / "resumed.gguf"
     second = CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "b"), "--iterations", "3",
@@ -107,7 +92,7 @@ def test_resume_gives_the_bytes_of_an_uninterrupted_run(workspace, default_model
 
     # a finished run releases its working copy; continuing it rebuilds the copy from the source
     # (tests/test_crash.py covers copies left dirty by a kill)
-    finished = train(workspace, str(default_model), "--iterations", "2", *TINY[2:], "--run-dir", str(tmp_path / "c"))
+    finished = train(workspace, str(default_model), "--iterations", "2", *tiny[2:], "--run-dir", str(tmp_path / "c"))
     assert finished.exit_code == 0, finished.output
     assert json.loads((tmp_path / "c" / "state.json").read_text())["live"] is None
     rebuilt = tmp_path / "rebuilt.gguf"
@@ -134,46 +119,38 @@ def one_line_error(result):
     return lines[-1]
 
 
-def test_bad_inputs_get_one_clear_line(workspace, default_model, tmp_path):
+def test_bad_inputs_get_one_clear_line(workspace, default_model, tmp_path, tiny):
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("hello")
-    assert "not a GGUF" in one_line_error(train(workspace, str(not_gguf), *TINY, "--run-dir", str(tmp_path / "r1")))
+    assert "not a GGUF" in one_line_error(train(workspace, str(not_gguf), *tiny, "--run-dir", str(tmp_path / "r1")))
 
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(default_model.read_bytes()[:5_000_000])
-    message = one_line_error(train(workspace, str(truncated), *TINY, "--run-dir", str(tmp_path / "r2")))
+    message = one_line_error(train(workspace, str(truncated), *tiny, "--run-dir", str(tmp_path / "r2")))
     assert "truncated.gguf" in message
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer"\n{"prompt": "e", "answer": "f"}\n')
-    message = one_line_error(CliRunner().invoke(cli, ["train", str(default_model), "--task", str(broken), *TINY,
+    message = one_line_error(CliRunner().invoke(cli, ["train", str(default_model), "--task", str(broken), *tiny,
                                                        "--run-dir", str(tmp_path / "r3")]))
     assert "line 2" in message
 
     raising = f"{workspace / 'rewards_for_tests.py'}:explode"
     message = one_line_error(CliRunner().invoke(cli, ["train", str(default_model), "--task",
-                                                       str(workspace / "data.jsonl"), "--reward", raising, *TINY,
+                                                       str(workspace / "data.jsonl"), "--reward", raising, *tiny,
                                                        "--run-dir", str(tmp_path / "r4")]))
     assert "item" in message
     assert not (tmp_path / "r4" / "live.dirty").exists()  # the working copy was restored
 
-    assert "even" in one_line_error(train(workspace, str(default_model), *TINY, "--population", "3",
+    assert "even" in one_line_error(train(workspace, str(default_model), *tiny, "--population", "3",
                                           "--run-dir", str(tmp_path / "r5")))
 
 
-def test_resume_refuses_settings_that_change_the_result(workspace, default_model, tmp_path):
-    assert train(workspace, str(default_model), "--iterations", "0", *TINY[2:],
-                 "--run-dir", str(tmp_path / "run")).exit_code == 0
-    message = one_line_error(CliRunner().invoke(cli, ["train", "--resume", str(tmp_path / "run"),
-                                                       "--sigma", "0.1"]))
-    assert "--sigma" in message
-
-
-def test_resume_refuses_a_run_of_another_version_or_a_changed_model(workspace, default_model, tmp_path):
+def test_resume_refuses_a_run_of_another_version_or_a_changed_model(workspace, default_model, tmp_path, tiny):
     source = tmp_path / "model.gguf"
     shutil.copyfile(default_model, source)
     for name in ("old", "moved"):
-        assert train(workspace, str(source), "--iterations", "1", *TINY[2:],
+        assert train(workspace, str(source), "--iterations", "1", *tiny[2:],
                      "--run-dir", str(tmp_path / name)).exit_code == 0
     state_path = tmp_path / "old" / "state.json"
     state = json.loads(state_path.read_text())
@@ -190,8 +167,8 @@ def test_resume_refuses_a_run_of_another_version_or_a_changed_model(workspace, d
     assert "changed" in message and not (tmp_path / "x.gguf").exists()
 
 
-def test_export_to_an_unwritable_place_keeps_the_run(workspace, default_model, tmp_path):
-    assert train(workspace, str(default_model), "--iterations", "1", *TINY[2:], "--run-dir",
+def test_export_to_an_unwritable_place_keeps_the_run(workspace, default_model, tmp_path, tiny):
+    assert train(workspace, str(default_model), "--iterations", "1", *tiny[2:], "--run-dir",
                  str(tmp_path / "run"), "--out", str(tmp_path / "first.gguf")).exit_code == 0
     message = one_line_error(CliRunner().invoke(cli, ["export", str(tmp_path / "run"),
                                                        "--out", "/proc/qes-edge-test.gguf"]))
@@ -219,21 +196,36 @@ def test_eval_reports_accuracy_with_standard_error(default_model):
     assert report["n"] == 4 and 0 <= report["accuracy"] <= 1 and report["accuracy_se"] >= 0
 
 
-def test_the_thread_count_does_not_change_the_bytes(workspace, default_model, tmp_path):
+def test_the_thread_count_does_not_change_the_bytes(workspace, default_model, tmp_path, tiny):
     # llama.cpp splits each matrix product by rows, so every logit is summed in the same order
     # whatever the thread count; the kernels split by 8192-code chunks (tests/test_native.py).
     outputs = []
     for threads in ("1", "2"):
         out = tmp_path / f"threads{threads}.gguf"
-        args = [*TINY[:-2], "--threads", threads, "--run-dir", str(tmp_path / threads), "--out", str(out)]
+        args = [*tiny[:-2], "--threads", threads, "--run-dir", str(tmp_path / threads), "--out", str(out)]
         result = train(workspace, str(default_model), *args)
         assert result.exit_code == 0, result.output
         outputs.append(sha256(out))
     assert outputs[0] == outputs[1]
 
 
-def test_a_model_with_nothing_to_train_is_refused_with_its_reasons(workspace, frozen_only_model, tmp_path):
-    message = one_line_error(train(workspace, str(frozen_only_model), *TINY, "--run-dir", str(tmp_path / "run"),
+def test_a_model_with_nothing_to_train_is_refused_with_its_reasons(workspace, frozen_only_model, tmp_path, tiny):
+    message = one_line_error(train(workspace, str(frozen_only_model), *tiny, "--run-dir", str(tmp_path / "run"),
                                    "--out", str(tmp_path / "out.gguf")))
     assert "no trainable tensors" in message and "F16" in message
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="native kernels not built")
+def test_training_gives_the_same_gguf_with_either_kernel_set(workspace, default_model, tmp_path, monkeypatch, tiny):
+    """Two short runs, sidecar residual; tests/test_native.py compares the kernel sets kernel by kernel."""
+    digests = {}
+    for kernels in ("numba", "native"):
+        monkeypatch.setenv(native.ENV, kernels)
+        out = tmp_path / f"{kernels}.gguf"
+        result = train(workspace, str(default_model), *tiny, "--run-dir", str(tmp_path / kernels), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        digests[kernels] = sha256(out)
+        metrics = [json.loads(line) for line in (tmp_path / kernels / "metrics.jsonl").read_text().splitlines()]
+        assert sum(m.get("codes_stepped", 0) for m in metrics) > 0  # codes moved: the update ran for real
+    assert digests["numba"] == digests["native"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from qes_edge.faults import POINTS
-from qes_edge.trainer import boot_id
+from qes_edge.working_copy import boot_id
 
 pytestmark = pytest.mark.crash
 
@@ -70,10 +70,10 @@ def uninterrupted(default_model, tmp_path_factory):
 
 def trials() -> list[tuple[str, str | None, float | None]]:
     rng = random.Random(RNG_SEED)
-    # How often each point is reached in the run above: 3 iterations x 2 candidates; the sidecar
-    # update has a point inside and one after; checkpoints: metrics truncation + 1 + 3 state saves
-    # + the live.unsynced marker.
-    reached = {"perturb": 6, "evaluate": 6, "update": 6, "checkpoint": 6, "export": 1}
+    # How often each point is reached in the run above (at least): 3 iterations x 2 candidates,
+    # 3 updates, checkpoints: state.json at creation, metrics truncation, state.json when the working
+    # copy is placed, the live.unsynced marker, 3 iterations' state.json.
+    reached = {"perturb": 6, "evaluate": 6, "residual": 3, "update": 3, "checkpoint": 7, "export": 1}
     planned = [(f"{point}:{rng.randint(1, reached[point])}", f"{point}", None)
                for point in POINTS for _ in range(POINT_TRIALS)]
     planned += [(f"timed:{i}", None, rng.random()) for i in range(TIMED_TRIALS)]

@@ -1,13 +1,16 @@
-"""From per-prompt rewards to pair coefficients and integer weights: the pure pieces of the ES loop."""
+"""The ES math: seeds and prompts from (run seed, iteration), rewards to pair coefficients and integer weights."""
 
 import math
 
 import pytest
 
 from qes_edge.errors import QesError
+from qes_edge.es import SHAPINGS, iteration_batch, iteration_seeds, pair_weights, shape_rewards
 from qes_edge.kernels import to_fixed
-from qes_edge.settings import Settings
-from qes_edge.trainer import iteration_seeds, pair_weights, shape_rewards
+from qes_edge.settings import Settings, about
+from qes_edge.tasks import load_task
+
+pytestmark = pytest.mark.unit
 
 
 def test_tscore_is_half_the_paired_t_statistic():
@@ -45,10 +48,20 @@ def test_weights_are_fixed_point_alpha_c_over_n_sigma():
     assert weights.tolist() == [to_fixed(0.02 / (8 * 0.005)), to_fixed(-0.01 / (8 * 0.005))]
 
 
-def test_seeds_are_a_pure_function_of_run_seed_and_iteration():
-    assert iteration_seeds(0, 3, 4).tolist() == iteration_seeds(0, 3, 4).tolist()
-    assert iteration_seeds(0, 3, 4).tolist() != iteration_seeds(0, 4, 4).tolist()
-    assert iteration_seeds(0, 3, 4).tolist() != iteration_seeds(1, 3, 4).tolist()
+def test_seeds_and_prompts_are_fixed_functions_of_run_seed_and_iteration():
+    # Part of the determinism contract: a resumed run, a fleet worker and another release draw these.
+    assert iteration_seeds(0, 0, 4).tolist() == [1090522445607515610, 911932938550560312, 4067810467972011148,
+                                                 3393757946643918380]
+    assert iteration_seeds(7, 3, 2).tolist() == [1106606732537020637, 1790023754481476513]
+    assert iteration_seeds(0, 1, 4).tolist() != iteration_seeds(0, 0, 4).tolist()
+    task = load_task("arithmetic")
+    assert [item.meta for item in iteration_batch(task, 0, 0, 2)] == [{"a": 6, "op": "*", "b": 9},
+                                                                      {"a": 7, "op": "-", "b": 3}]
+    assert iteration_batch(task, 0, 0, len(task.train) + 1) == task.train  # a batch past the task: all of it
+
+
+def test_every_shaping_a_run_may_name_exists():
+    assert set(about("shaping").check.choices) == set(SHAPINGS)
 
 
 def test_tscore_needs_two_prompts():

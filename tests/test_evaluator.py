@@ -15,6 +15,7 @@ from llama_cpp import llama_cpp as llama
 
 from qes_edge.errors import QesError
 from qes_edge.evaluator import Completion, Evaluator, physical_cores
+from qes_edge.tasks import accuracy_with_stderr, load_task
 
 QUESTIONS = [
     "What is 2+3?", "Name a color.", "Write a haiku about the sea.", "Translate 'bonjour' to English.",
@@ -257,5 +258,23 @@ def test_context_failure_is_a_clear_error(default_model):
         Evaluator(default_model, n_seq_max=300, n_batch=512)
 
 
+@pytest.mark.unit
 def test_default_threads_are_physical_cores():
     assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.slow
+def test_default_model_has_room_to_learn_arithmetic(default_model):
+    """Greedy, the default model gets some of the arithmetic task right and some wrong (BENCHMARKS.md)."""
+    llm = Llama(str(default_model), n_ctx=512, n_threads=2, verbose=False)
+    try:
+        task = load_task("arithmetic")
+        flags = []
+        for item in task.heldout[:16]:
+            out = llm.create_chat_completion(item.prompt, temperature=0, max_tokens=task.max_tokens,
+                                             stop=list(task.stop))
+            flags.append(task.correct(out["choices"][0]["message"]["content"], item))
+    finally:
+        llm.close()
+    accuracy, _ = accuracy_with_stderr(flags)
+    assert 0 < accuracy < 1

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import ray  # noqa: F401  (the test extra installs it; a missing Ray fails here, not as a skip)
+from click.testing import CliRunner
 
+from qes_edge.cli import cli
 from qes_edge.errors import QesError
-from qes_edge.fleet import Fleet
-from test_cli import workspace  # noqa: F401 - the CLI tests' dataset and reward file
+from qes_edge.fleet import agreed_weights
 
 SETTINGS = ["--iterations", "3", "--population", "4", "--batch", "2", "--heldout", "4", "--max-tokens", "4",
             "--sigma", "0.5", "--alpha", "3", "--eval-every", "3", "--seed", "5"]
@@ -51,7 +52,7 @@ def test_two_workers_give_the_single_process_bytes(workspace, default_model, sin
     assert any(m["codes_stepped"] for m in steps)  # the run really moved codes
     assert all(m["workers"] == 2 and m["workers_replaced"] == 0 for m in steps)
     assert all(0 < m["bytes_sent"] < 10_000 for m in steps)  # seeds and rewards, never weights
-    assert len({m["fingerprint"] for m in steps}) == len(steps)  # the replicas' weights changed every iteration
+    assert len({m["weights_sha256"] for m in steps}) == len(steps)  # the replicas' weights changed every iteration
     held = [m["heldout"] for m in lines if "heldout" in m]
     assert held == [m["heldout"] for m in single_process[1] if "heldout" in m]
 
@@ -69,19 +70,17 @@ def test_a_worker_killed_mid_iteration_is_replaced_and_the_result_is_the_same(
     assert after - before == set()  # the dead worker's working copy is removed, the live ones released
 
 
+@pytest.mark.unit
 def test_replicas_that_disagree_stop_the_run_with_a_clear_error():
-    fleet = Fleet.__new__(Fleet)
-    fleet.where = {0: {"host": "pi-1"}, 1: {"host": "pi-2"}}
-    fleet.fingerprint = None
-    fleet._agree({0: "ab" * 32, 1: "ab" * 32}, "after iteration 3")
-    assert fleet.fingerprint == "ab" * 32
+    hosts = {0: "pi-1", 1: "pi-2"}
+    assert agreed_weights({0: "ab" * 32, 1: "ab" * 32}, hosts, "after iteration 3") == "ab" * 32
     with pytest.raises(QesError, match=r"replicas disagree after iteration 4 \(worker 0 on pi-1: .*worker 1 on pi-2"):
-        fleet._agree({0: "ab" * 32, 1: "cd" * 32}, "after iteration 4")
+        agreed_weights({0: "ab" * 32, 1: "cd" * 32}, hosts, "after iteration 4")
 
 
-def test_workers_without_ray_is_refused(default_model, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qes_edge", "train", str(default_model), "--workers", "2",
-                             "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "Error: --workers goes with --ray"
+@pytest.mark.unit
+def test_workers_without_ray_is_refused(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--workers", "2", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --workers goes with --ray"
     assert not (tmp_path / "run").exists()

@@ -6,6 +6,8 @@ import pytest
 from blocks import ALL, dequantize, random_blocks, step_size
 from qes_edge.formats import FORMATS
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
 def test_one_code_step_moves_one_weight_by_one_step(qtype):
@@ -46,7 +48,7 @@ def test_write_read_round_trip_over_the_whole_range(qtype):
     assert np.array_equal(raw, scales_before)
 
 
-def test_code_ranges_match_design_table():
+def test_code_ranges_follow_the_bit_widths():
     ranges = {f.name: (f.code_lo, f.code_hi) for f in FORMATS.values()}
     assert ranges == {
         "Q8_0": (-128, 127), "Q4_0": (0, 15), "Q4_1": (0, 15), "Q5_0": (0, 31), "Q5_1": (0, 31),

@@ -21,6 +21,8 @@ from qes_edge.cli import cli
 from qes_edge.errors import QesError
 from qes_edge.gguf_file import open_model
 
+pytestmark = pytest.mark.unit
+
 MUTANTS = 2400
 CLI_SAMPLE = 40
 

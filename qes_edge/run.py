@@ -1,0 +1,211 @@
+"""A run directory: the checkpoint (state.json), the metrics, the marker files and the lock.
+
+    state.json       settings, base model (path, sha256), completed iterations and the
+                     (seeds, weights) row of each: the run's truth
+    metrics.jsonl    one line per iteration (rewards, steps, held-out accuracy, times)
+    live.gguf        the working copy, when /dev/shm has no room for it
+    residual.bin     the sidecar residual (--residual sidecar)
+    live.dirty       present while the working copy differs from the checkpoint
+    live.unsynced    the boot in which the working copy was last written without a sync
+    lock             held by the process that trains the run
+    reward_curve.png
+
+An iteration ends in :meth:`Run.checkpoint`: its metrics line, then state.json,
+each written whole or not at all.  Everything else in the directory is a cache
+of state.json (:mod:`qes_edge.working_copy` rebuilds it), and metrics past the
+checkpoint are dropped when a run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import QesError
+from .faults import crash_point
+from .gguf_file import ModelFile, atomic_output, file_sha256, open_model
+from .kernels import SCHEME
+from .settings import Settings
+from .tasks import Task, load_task
+
+STATE_VERSION = 1
+
+
+class RunInUse(QesError):
+    """Another process is training this run."""
+
+
+class RunFiles:
+    """The files of a run directory, by name (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.state = self.root / "state.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.live = self.root / "live.gguf"
+        self.residual = self.root / "residual.bin"
+        self.dirty = self.root / "live.dirty"
+        self.unsynced = self.root / "live.unsynced"
+        self.lock = self.root / "lock"
+        self.reward_curve = self.root / "reward_curve.png"
+
+
+@dataclass
+class Run:
+    """A run as its state.json records it: the checkpoint that training continues from."""
+
+    run_dir: Path
+    source: Path
+    settings: Settings
+    base_sha256: str
+    iteration: int = 0
+    history: list = field(default_factory=list)  # [(seeds, weights)] per completed iteration
+    live_path: Path | None = None  # the working copy, while there is one
+
+    @property
+    def files(self) -> RunFiles:
+        return RunFiles(self.run_dir)
+
+    # -- state.json --
+
+    @classmethod
+    def create(cls, run_dir: Path, source: Path, settings: Settings) -> Run:
+        settings.check()
+        run_dir = Path(run_dir)
+        if RunFiles(run_dir).state.exists():
+            raise QesError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                           "or choose another --run-dir")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QesError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        run = cls(run_dir, Path(source).resolve(), settings, file_sha256(source))
+        run.save()
+        return run
+
+    @classmethod
+    def load(cls, run_dir: Path, given: dict | None = None) -> Run:
+        """The run in ``run_dir``, with the settings in ``given`` changed (see :meth:`Settings.resumed_with`)."""
+        path = RunFiles(run_dir).state
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise QesError(f"{run_dir} holds no run (no state.json)") from None
+        except (OSError, ValueError) as e:
+            raise QesError(f"{path} is unreadable: {e}") from None
+        run = cls.from_state(Path(run_dir), state)
+        run.settings = run.settings.resumed_with(given or {})
+        return run
+
+    @classmethod
+    def from_state(cls, run_dir: Path, state: dict) -> Run:
+        """The run that ``state`` (state.json's contents) describes, its files in ``run_dir``."""
+        if state.get("version") != STATE_VERSION or state.get("scheme") != SCHEME:
+            raise QesError(f"{run_dir} was written by an incompatible qes-edge "
+                           f"(state {state.get('version')}, scheme {state.get('scheme')})")
+        history = [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in state["history"]]
+        return cls(run_dir, Path(state["source"]), Settings(**state["settings"]), state["base_sha256"],
+                   state["iteration"], history, Path(state["live"]) if state.get("live") else None)
+
+    def to_state(self) -> dict:
+        """state.json's contents; the fleet sends the same to its workers."""
+        return {
+            "version": STATE_VERSION,
+            "scheme": SCHEME,
+            "qes_edge": __version__,
+            "source": str(self.source),
+            "base_sha256": self.base_sha256,
+            "settings": dataclasses.asdict(self.settings),
+            "iteration": self.iteration,
+            "history": [[s.tolist(), w.tolist()] for s, w in self.history],
+            "live": str(self.live_path) if self.live_path else None,
+        }
+
+    def save(self) -> None:
+        write_atomically(self.files.state, json.dumps(self.to_state(), indent=1).encode())
+
+    def checkpoint(self, line: dict) -> None:
+        """End an iteration: its metrics line, then state.json (the checkpoint itself)."""
+        self.append_metrics(line)
+        self.save()
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Held while a process trains the run or touches its working copy; RunInUse when another one does."""
+        handle = open(self.files.lock, "w")
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunInUse(f"{self.run_dir} is being trained by another process") from None
+            yield
+        finally:
+            handle.close()
+
+    # -- metrics.jsonl --
+
+    def truncate_metrics(self) -> None:
+        """Drop lines past the checkpoint (written before a crash cut the iteration short)."""
+        kept = [m for m in read_metrics(self.run_dir) if m["iteration"] <= self.iteration]
+        write_atomically(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept).encode())
+
+    def append_metrics(self, line: dict) -> None:
+        with open(self.files.metrics, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def has_heldout(self, iteration: int) -> bool:
+        return any(m["iteration"] == iteration and "heldout" in m for m in read_metrics(self.run_dir))
+
+    # -- what the run trains and on what --
+
+    def open_model(self) -> ModelFile:
+        if not self.source.is_file():
+            raise QesError(f"the run's source model {self.source} is missing")
+        model = open_model(self.source, train_embeddings=self.settings.train_embeddings)
+        if not model.trainable:
+            reasons = sorted({t.reason for t in model.tensors})
+            raise QesError(f"{self.source} has no trainable tensors ({'; '.join(reasons)})")
+        return model
+
+    def load_task(self) -> Task:
+        s = self.settings
+        return load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+
+    def provenance(self) -> dict:
+        """The tuned GGUF's qes.* records: where it came from and the settings that made it."""
+        records = {"version": __version__, "base_sha256": self.base_sha256, "base_file": self.source.name,
+                   **self.settings.provenance()}
+        records["iterations"] = self.iteration  # completed, which may be fewer than asked for
+        records["scheme"] = SCHEME
+        return records
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = RunFiles(run_dir).metrics
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:
+            break  # a line torn by a crash: everything after it is redone
+    return lines
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``path`` holds ``data``, on disk, or is as it was."""
+    with atomic_output(path, f"cannot write {path}") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("checkpoint")
