@@ -7,7 +7,7 @@ Measures, on the default model (or --model):
   prompt_tok_s       tokens/s of Evaluator.logprob scoring prompt + completion
   raw_prompt_tok_s,  bare llama_decode, no Python per token: 16 sequences of
   raw_generation_tok_s   64 prompt tokens in one batch, then 16 tokens a step
-                     (the DESIGN.md figures, measured here and now)
+                     (what llama.cpp alone reaches on this machine)
   batched_over_raw   time the batched workload would take at the raw speeds,
                      divided by the time it took (1.0 = no overhead)
 

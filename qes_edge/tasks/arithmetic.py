@@ -1,30 +1,12 @@
-r"""Built-in `arithmetic`: the default demo task.
+"""Built-in `arithmetic`: the default demo task.
 
 Chat prompt "What is 7 * 3? Reply with 'The answer is' and the number.";
 correct means the whole stripped reply is "The answer is 21" (final period
-optional). The default model solves a minority of these greedily, so there is
-room to learn both the format and the facts.
-
-Why this format and not "Reply with only the number": SmolLM2-135M-Instruct
-echoes the question ("7 + 5 = 12") under every wording tried (a dozen
-phrasings, 0-3% bare answers), and when few-shot examples force bare answers
-they are mostly wrong; the echo is its working. Asked for "The answer is N"
-it complies about two thirds of the time, and is right a good part of that.
-
-Calibration: SmolLM2-135M-Instruct.Q4_1, llama_cpp.Llama(n_ctx=512)
-.create_chat_completion(temperature=0, max_tokens=10, stop=["\n"]), seed 0:
-
-    level (LEVELS)          questions  greedy accuracy    n  mean reward
-    add 1-9                        81  0.317 +- 0.060    60  0.46
-    add/sub 1-9                   126  0.233 +- 0.055    60  0.36
-    add/sub/mul 1-9 (default)     207  0.200 +- 0.052    60  0.37
-                                       0.277 +- 0.031   206  0.42  (all but one question)
-    add 1-20 + 1-9                180  0.083 +- 0.036    60  0.18
-    add 1-20                      400  0.083 +- 0.036    60  0.20
-    add 10-99                    8100  0.033 +- 0.023    60  0.11
-
-The default trades a little accuracy against add 1-9 for enough distinct
-questions to hold 64 out and still train on 143.
+optional).  The default model solves a minority of these greedily, so there is
+room to learn both the format and the facts.  The format is the one the
+default model follows most often, and the default level the one that leaves
+enough distinct questions to hold 64 out and still train on 143 (BENCHMARKS.md,
+"The arithmetic task").
 """
 
 from __future__ import annotations
@@ -35,8 +17,9 @@ import re
 from dataclasses import dataclass
 
 from qes_edge.errors import QesError
+from qes_edge.tasks.item import Item
 from qes_edge.tasks.rewards import Reward
-from qes_edge.tasks.task import Item, Task
+from qes_edge.tasks.task import Task
 
 INTEGER = re.compile(r"-?\d+")
 STRICT = re.compile(r"The answer is (-?\d+)\.?")
@@ -67,7 +50,7 @@ def question(a: int, op: str, b: int) -> Item:
     return Item(prompt=prompt, answer=str(OPERATIONS[op](a, b)), meta={"a": a, "op": op, "b": b})
 
 
-# The calibrated candidates (see the table above); the task uses DEFAULT_LEVEL.
+# The levels measured for BENCHMARKS.md ("The arithmetic task"); the task uses DEFAULT_LEVEL.
 LEVELS = {
     "add 1-9": Level("+", (1, 9), (1, 9)),
     "add 1-20 + 1-9": Level("+", (1, 20), (1, 9)),
