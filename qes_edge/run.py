@@ -10,10 +10,10 @@
     lock             held by the process that trains the run
     reward_curve.png
 
-An iteration ends in :meth:`Run.checkpoint`: its metrics line, then state.json,
-each written whole or not at all.  Everything else in the directory is a cache
-of state.json (:mod:`qes_edge.working_copy` rebuilds it), and metrics past the
-checkpoint are dropped when a run resumes.
+An iteration ends in :meth:`Run.checkpoint`: its metrics line is appended,
+then state.json is replaced whole.  Everything else in the directory is a
+cache of state.json (:mod:`qes_edge.working_copy` rebuilds it), and metrics
+past the checkpoint (or torn by a crash) are dropped when a run resumes.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from gguf import GGUFReader
 from qes_edge.cli import cli
 from qes_edge.formats import format_of
 from qes_edge.kernels import native
+from qes_edge.tasks import accuracy_with_stderr
 
 def train(workspace, *args):
     runner = CliRunner()
@@ -193,7 +194,8 @@ def test_eval_reports_accuracy_with_standard_error(default_model):
                                       "--json", "--threads", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
-    assert report["n"] == 4 and 0 <= report["accuracy"] <= 1 and report["accuracy_se"] >= 0
+    assert report["n"] == len(report["correct"]) == 4
+    assert (report["accuracy"], report["accuracy_se"]) == accuracy_with_stderr(report["correct"])
 
 
 def test_the_thread_count_does_not_change_the_bytes(workspace, default_model, tmp_path, tiny):
