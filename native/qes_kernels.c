@@ -22,6 +22,7 @@ enum { LOW_BITS, HIGH_BITS, SIGNED, BLOCK_SHIFT, BLOCK_BYTES, CODE_LO, CODE_HI, 
 #define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
 #define M1 UINT64_C(0xBF58476D1CE4E5B9)
 #define M2 UINT64_C(0x94D049BB133111EB)
+#define SIGN_SALT UINT64_C(0x5349474E53414C54)
 #define ONE (INT64_C(1) << QES_FRACTION_BITS)
 #define HALF (ONE >> 1)
 
@@ -74,15 +75,34 @@ static inline int64_t draw_gap(uint64_t *state, const qes_noise *noise) {
     }
 }
 
-static inline int64_t draw_delta(uint64_t *state, const qes_noise *noise, int64_t sign) {
-    uint64_t u = next_u64(state);
+static inline int64_t draw_magnitude(uint64_t *state, const qes_noise *noise) {
+    const uint64_t u = next_u64(state);
     int64_t magnitude = 1;
-    uint64_t v = u << 1;
-    while (magnitude < noise->magnitude_len && v < noise->magnitude_tail[magnitude])
+    while (magnitude < noise->magnitude_len && u < noise->magnitude_tail[magnitude])
         magnitude++;
-    if (u >> 63)
-        sign = -sign;
-    return sign * magnitude;
+    return magnitude;
+}
+
+/* noise.chunk_streams and next_delta: the support and sign streams of one chunk, walked together. */
+typedef struct {
+    uint64_t support_state, sign_state;
+    int64_t sign;
+} delta_stream;
+
+static inline delta_stream chunk_streams(int64_t support, int64_t seed, uint64_t key, int64_t start) {
+    const int64_t chunk = start / QES_CHUNK;
+    delta_stream d = {stream_start((uint64_t)support, key, chunk),
+                      stream_start(seed_abs_of(seed), key ^ SIGN_SALT, chunk), sign_of(seed)};
+    return d;
+}
+
+/* Advances *element to the next support code (>= end: the chunk is done) and returns this seed's delta there. */
+static inline int64_t next_delta(delta_stream *d, int64_t *element, int64_t end, const qes_noise *noise) {
+    *element += draw_gap(&d->support_state, noise);
+    if (*element >= end)
+        return 0;
+    const int64_t magnitude = draw_magnitude(&d->support_state, noise);
+    return (next_u64(&d->sign_state) >> 63) ? -d->sign * magnitude : d->sign * magnitude;
 }
 
 QES_API void qes_constants(int64_t out[4]) {
@@ -92,21 +112,18 @@ QES_API void qes_constants(int64_t out[4]) {
     out[3] = QES_FRACTION_BITS;
 }
 
-QES_API int64_t qes_sample_tensor(int64_t seed, uint64_t key, int64_t n_elements, const qes_noise *noise,
-                                  int64_t *positions, int8_t *deltas, int64_t capacity) {
-    const uint64_t seed_abs = seed_abs_of(seed);
-    const int64_t sign = sign_of(seed);
+QES_API int64_t qes_sample_tensor(int64_t seed, int64_t support, uint64_t key, int64_t n_elements,
+                                  const qes_noise *noise, int64_t *positions, int8_t *deltas, int64_t capacity) {
     int64_t count = 0;
     const int64_t n_chunks = (n_elements + QES_CHUNK - 1) / QES_CHUNK;
     for (int64_t chunk = 0; chunk < n_chunks; chunk++) {
-        uint64_t state = stream_start(seed_abs, key, chunk);
         int64_t element = chunk * QES_CHUNK;
         const int64_t end = element + QES_CHUNK < n_elements ? element + QES_CHUNK : n_elements;
+        delta_stream d = chunk_streams(support, seed, key, element);
         for (;;) {
-            element += draw_gap(&state, noise);
+            const int64_t delta = next_delta(&d, &element, end, noise);
             if (element >= end)
                 break;
-            int64_t delta = draw_delta(&state, noise, sign);
             if (count < capacity) {
                 positions[count] = element;
                 deltas[count] = (int8_t)delta;
@@ -193,23 +210,22 @@ static int64_t longest_chunk(const qes_tensors *tensors) {
 /* ---- perturb.py ----------------------------------------------------------------------------- */
 
 static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
-                             const int64_t *chunk, const qes_noise *noise, int64_t seed, uint8_t *gated, int restore,
-                             int64_t *elements, int64_t *deltas) {
+                             const int64_t *chunk, const qes_noise *noise, int64_t seed, int64_t support,
+                             uint8_t *gated, int restore, int64_t *elements, int64_t *deltas) {
     const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
     const int64_t *info = tensors->info + 3 * t;
     const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
     const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
-    const int64_t sign = sign_of(seed);
     /* Draw the chunk's deltas first, then touch memory: independent loads overlap. */
     int64_t count = 0;
-    uint64_t state = stream_start(seed_abs_of(seed), tensors->keys[t], start / QES_CHUNK);
+    delta_stream d = chunk_streams(support, seed, tensors->keys[t], start);
     int64_t element = start;
     for (;;) {
-        element += draw_gap(&state, noise);
+        const int64_t delta = next_delta(&d, &element, end, noise);
         if (element >= end)
             break;
-        deltas[count] = draw_delta(&state, noise, sign);
+        deltas[count] = delta;
         elements[count] = element;
         count++;
         element++;
@@ -241,7 +257,8 @@ static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const qes_t
 }
 
 QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
-                                  const qes_noise *noise, int64_t seed, uint8_t *gated, int restore, int threads) {
+                                  const qes_noise *noise, int64_t seed, int64_t support, uint8_t *gated, int restore,
+                                  int threads) {
     const int team = team_size(threads);
     const int64_t n_chunks = tensors->n_chunks;
     const int64_t stride = longest_chunk(tensors);
@@ -255,8 +272,8 @@ QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const 
         int64_t *deltas = elements + stride;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++)
-            changed += perturb_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, seed, gated, restore,
-                                     elements, deltas);
+            changed += perturb_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, seed, support, gated,
+                                     restore, elements, deltas);
     }
     free(scratch);
     return changed;
@@ -266,15 +283,13 @@ QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const 
 
 /* gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk (slot -1: skip). */
 static inline void add_stream(int64_t *gradient, const int64_t *slot, uint64_t key, int64_t start, int64_t end,
-                              int64_t seed, int64_t weight, const qes_noise *noise) {
-    const int64_t sign = sign_of(seed);
-    uint64_t state = stream_start(seed_abs_of(seed), key, start / QES_CHUNK);
+                              int64_t seed, int64_t support, int64_t weight, const qes_noise *noise) {
+    delta_stream d = chunk_streams(support, seed, key, start);
     int64_t element = start;
     for (;;) {
-        element += draw_gap(&state, noise);
+        const int64_t delta = next_delta(&d, &element, end, noise);
         if (element >= end)
             break;
-        const int64_t delta = draw_delta(&state, noise, sign);
         const int64_t k = slot[element - start];
         if (k >= 0)
             gradient[k] = wrap_add(gradient[k], wrap_mul(weight, delta));
@@ -284,13 +299,13 @@ static inline void add_stream(int64_t *gradient, const int64_t *slot, uint64_t k
 
 /* One iteration's g = sum_p w_p * delta_p over `size` gradient entries, gathered through slot. */
 static void row_gradient(int64_t *gradient, int64_t size, const int64_t *slot, uint64_t key, int64_t start,
-                         int64_t end, const int64_t *seeds_row, const int64_t *weights_row, int64_t pairs,
-                         const qes_noise *noise) {
+                         int64_t end, int64_t support, const int64_t *seeds_row, const int64_t *weights_row,
+                         int64_t pairs, const qes_noise *noise) {
     for (int64_t i = 0; i < size; i++)
         gradient[i] = 0;
     for (int64_t p = 0; p < pairs; p++)
         if (weights_row[p] != 0)
-            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], noise);
+            add_stream(gradient, slot, key, start, end, seeds_row[p], support, weights_row[p], noise);
 }
 
 /* u + round(gamma * e), then the whole step; *error becomes the new residual. */
@@ -318,46 +333,45 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tenso
     const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
     const int64_t n = end - start;
     const uint64_t key = tensors->keys[t];
-    const int64_t *seeds = update->seeds, *weights = update->weights;
+    const int64_t *seeds = update->seeds, *weights = update->weights, *supports = update->supports;
     const int64_t pairs = update->pairs, gamma_fx = update->gamma_fx;
-    const int feedback = update->feedback;
+    const int feedback = update->feedback, stored = update->stored_residual;
     const int64_t last = update->rows - 1;
     int64_t *gradient = s->gradient, *error = s->error, *codes;
     int64_t n_codes;
-    row_gradient(gradient, n, s->identity, key, start, end, seeds + last * pairs, weights + last * pairs, pairs,
-                 noise);
-    if (update->stored_residual) {
-        /* The sidecar keeps every code's residual, so every code decays and is stored. */
+    row_gradient(gradient, n, s->identity, key, start, end, supports[last], seeds + last * pairs,
+                 weights + last * pairs, pairs, noise);
+    if (stored && gamma_fx != ONE) {
+        /* Every stored residual decays, so every code is read and written. */
         codes = s->identity;
         n_codes = n;
-        for (int64_t i = 0; i < n; i++)
-            error[i] = residual[code_base + start + i];
     } else {
-        /* With gamma <= 1 and |e| <= 1/2, a code without gradient now cannot step, so replay
-         * rebuilds the residual only where this iteration's gradient is non-zero. */
+        /* A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+         * starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step). */
         codes = s->codes;
         n_codes = 0;
         for (int64_t i = 0; i < n; i++)
             if (gradient[i] != 0)
                 codes[n_codes++] = i;
-        for (int64_t k = 0; k < n_codes; k++)
-            error[codes[k]] = 0;
-        if (feedback && last > 0) {
-            for (int64_t i = 0; i < n; i++)
-                s->slot[i] = -1;
-            for (int64_t k = 0; k < n_codes; k++) {
-                s->slot[codes[k]] = k;
-                s->past_error[k] = 0;
-            }
-            for (int64_t h = 0; h < last; h++) {
-                row_gradient(s->past, n_codes, s->slot, key, start, end, seeds + h * pairs, weights + h * pairs,
-                             pairs, noise);
-                for (int64_t k = 0; k < n_codes; k++)
-                    (void)feedback_step(s->past[k], &s->past_error[k], gamma_fx);
-            }
-            for (int64_t k = 0; k < n_codes; k++)
-                error[codes[k]] = s->past_error[k];
+    }
+    for (int64_t k = 0; k < n_codes; k++)
+        error[codes[k]] = stored ? residual[code_base + start + codes[k]] : 0;
+    if (!stored && feedback && last > 0) {
+        /* Replay rebuilds the residual only where this iteration's gradient is non-zero. */
+        for (int64_t i = 0; i < n; i++)
+            s->slot[i] = -1;
+        for (int64_t k = 0; k < n_codes; k++) {
+            s->slot[codes[k]] = k;
+            s->past_error[k] = 0;
         }
+        for (int64_t h = 0; h < last; h++) {
+            row_gradient(s->past, n_codes, s->slot, key, start, end, supports[h], seeds + h * pairs,
+                         weights + h * pairs, pairs, noise);
+            for (int64_t k = 0; k < n_codes; k++)
+                (void)feedback_step(s->past[k], &s->past_error[k], gamma_fx);
+        }
+        for (int64_t k = 0; k < n_codes; k++)
+            error[codes[k]] = s->past_error[k];
     }
     for (int64_t k = 0; k < n_codes; k++) {
         const int64_t i = codes[k];
@@ -378,9 +392,9 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tenso
             }
         }
     }
-    if (update->stored_residual)
-        for (int64_t i = 0; i < n; i++)
-            residual[code_base + start + i] = (int16_t)error[i];  /* |e| <= 1/2 step = 2**14 */
+    if (stored)
+        for (int64_t k = 0; k < n_codes; k++)
+            residual[code_base + start + codes[k]] = (int16_t)error[codes[k]];  /* |e| <= 1/2 step = 2**14 */
 }
 
 QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const qes_noise *noise,

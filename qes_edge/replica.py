@@ -22,10 +22,11 @@ import contextlib
 import numpy as np
 
 from .errors import QesError
-from .es import iteration_batch
+from .es import iteration_batch, iteration_seeds
 from .evaluator import Evaluator
 from .faults import crash_point
 from .gguf_file import ModelFile
+from .kernels import support_seed
 from .run import Run
 from .scorer import Scorer
 from .tasks import Task
@@ -49,13 +50,14 @@ class Replica:
         """Per-prompt rewards of checkpoint + perturbation(signed_seed) on the iteration's batch; restored after."""
         s = self.settings
         items = iteration_batch(self.task, s.seed, iteration, s.batch)
-        self.copy.space.perturb(signed_seed)
+        support = support_seed(iteration_seeds(s.seed, iteration, s.population // 2))
+        self.copy.space.perturb(signed_seed, support)
         crash_point("perturb")
         try:
             rewards = self.scorer.rewards(items)
             crash_point("evaluate")
         finally:
-            self.copy.space.restore(signed_seed)
+            self.copy.space.restore(signed_seed, support)
         return rewards
 
     def apply(self, history: list) -> tuple[int, int]:

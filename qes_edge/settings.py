@@ -92,13 +92,13 @@ class Settings:
     changes every tuned file's bytes.
     """
 
-    task: str = setting("arithmetic", "Built-in task (arithmetic, countdown) or a JSONL file.")
+    task: str = setting("arithmetic", "Built-in task (arithmetic, countdown, successor) or a JSONL file.")
     reward: str | None = setting(None, "exact, contains, regex, numeric, logprob, or module:function.")
     iterations: int = setting(25, "Iterations to train (a resumed run may raise it).", check=AtLeast(0),
                               free_on_resume=True)
     sigma: float = setting(0.005, "Perturbation scale, in code steps.", check=Within(0, 4, open_low=True))
     alpha: float = setting(0.02, "Learning rate, in code steps.", check=Positive())
-    decay: float = setting(0.9, "Residual decay gamma.", check=Within(0, 1))
+    decay: float = setting(1.0, "Residual decay gamma (1: nothing forgotten).", check=Within(0, 1))
     population: int = setting(8, "Candidates per iteration (even: mirrored pairs).", check=MirroredPairs())
     batch: int = setting(16, "Prompts each candidate is scored on.", check=AtLeast(1))
     max_tokens: int | None = setting(None, "Generation budget (default: the task's).", check=AtLeast(1),

@@ -45,8 +45,8 @@ import numpy as np
 from qes_edge.kernels import CodeSpace, TensorSlot
 start = time.perf_counter()
 space = CodeSpace(np.zeros(18 * 256, np.uint8), [TensorSlot("t", 2, 0, 8192)], 0.1, kernels=sys.argv[1])
-space.perturb(1)
-space.restore(1)
+space.perturb(1, 5)
+space.restore(1, 5)
 perturbed = time.perf_counter()
 space.update(np.array([[1, 2]]), np.array([[100, -100]]), 0.9, True, np.zeros(8192, np.int16))
 space.update(np.array([[1, 2], [3, 4]]), np.array([[100, -100], [5, 6]]), 0.9, True, None)
@@ -96,16 +96,16 @@ def bench_kernel_set(kernels, buf, slots, model, history, workdir, args):
     """Perturb + restore and both updates with one kernel set; the first call is timed on its own."""
     start = time.perf_counter()
     space = CodeSpace(buf, slots, args.sigma, kernels=kernels)
-    space.perturb(1)
-    space.restore(1)
+    space.perturb(1, 5)
+    space.restore(1, 5)
     first_call_ms = (time.perf_counter() - start) * 1e3
 
     seeds = iter(range(2, 10**6))
 
     def perturb_restore():
         seed = next(seeds)
-        space.perturb(seed)
-        space.restore(seed)
+        space.perturb(seed, seed + 1)
+        space.restore(seed, seed + 1)
 
     perturb_restore_ms = timed(perturb_restore, 5 if args.quick else 21)
 

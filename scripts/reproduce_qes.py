@@ -1,39 +1,47 @@
-"""Does error feedback matter, as the paper claims?  QES and its controls at one equal budget.
+"""The learning study: QES against its control and full-precision ES, on two tasks and several seeds.
 
-    python scripts/reproduce_qes.py [--quick] [--threads N] [--work DIR] [--json F] [--png F]
+    python scripts/reproduce_qes.py [--quick] [--seeds 0,1,2] [--tasks arithmetic,successor]
+                                    [--jobs N] [--threads N] [--work DIR] [--json F] [--png F]
 
-The paper's table, small: on the built-in arithmetic task, from the default
-model (SmolLM2-135M-Instruct Q4_1), each arm gets the same budget — the same
-iterations, population, batch of prompts per candidate, seeds and prompts
-(``qes_edge.settings.Settings`` defaults; ``--quick`` shrinks them) — and is
-scored on the same held-out items before and after:
+Every cell (task, arm, seed) trains the default model (SmolLM2-135M-Instruct
+Q4_1) with the ``Settings`` defaults — the same iterations, population,
+prompts per candidate, pair seeds and prompts in every arm of a seed
+(``--quick`` shrinks them) — and scores the same held-out items every
+``eval_every`` iterations.  The arms:
 
-- QES, sidecar residual        (the default run)
-- QES, replay residual, K = 50 (a window covering the run: must give the sidecar's bytes)
-- QES, no error feedback       (plain round(alpha * g), the paper's control)
-- ES, full precision on an F16 copy
+- ``qes``: ``qes-edge train`` as a user runs it (error feedback, sidecar residual);
+- ``no-ef``: the same with ``--no-error-feedback`` (plain rounding, the paper's control);
+- ``fp``: ES in full precision on an F16 copy, the reference QES is measured against.
 
-The full-precision arm is a separate, dense code path (documented here, not in
-the package): the Q4_1 matrices are dequantized into an F16 GGUF that
-llama.cpp memory-maps as usual; a float32 master copy of those weights is kept
-in RAM and every candidate is written into the mapped F16 file in place (so
-llama.cpp scores it without reloading).  Its perturbation is the continuous
-twin of QES's: weight += d * sigma_dense * eps with eps ~ N(0, 1) per weight
-(numpy PCG64 keyed by (seed, tensor)), d the weight's Q4_1 block scale (one
-code step) and sigma_dense = sqrt(sigma * sqrt(2/pi)), so each weight's
-perturbation has the variance of QES's sparse stochastic-rounded one; the
-update is weight += d * alpha/(N sigma) * sum_p c_p * sigma_dense * eps_p
-with the same coefficients c_p (same shaping) — QES's step with delta replaced
-by its dense Gaussian counterpart and no rounding at all (the float32 master
-keeps every small step, the F16 copy is what llama.cpp reads).
+The full-precision arm is a separate, dense code path (documented here, not
+in the package): the Q4_1 matrices are dequantized into an F16 GGUF that
+llama.cpp memory-maps as usual; a float32 master copy of those weights is
+kept in RAM and every candidate is written into the mapped F16 file in place
+(so llama.cpp scores it without reloading).  Its perturbation is the
+continuous twin of QES's: weight += d * sigma_dense * eps with eps ~ N(0, 1)
+per weight, d the weight's Q4_1 block scale (one code step) and
+sigma_dense = sqrt(sigma * sqrt(2/pi)), so each weight's perturbation has
+the variance of QES's sparse one; the update is
+weight += d * alpha/(N sigma) * sum_p c_p * sigma_dense * eps_p with the same
+coefficients c_p — QES's step with its sparse delta replaced by a dense
+Gaussian and no rounding at all.
 
-Then the Table-2 style ablation of the replay residual over the window K and
-the decay gamma, same budget.
+Per task the report pools the seeds: each arm's held-out change (after minus
+before, paired over the same items) averaged over seeds, its standard error
+sqrt(sum of the seeds' squared SEs) / seeds; QES's share of the
+full-precision gain; error feedback minus its control, paired item by item
+within a seed and pooled the same way; and the base model's rate of answers
+in the asked-for form (a gain on a task the model already answers in form is
+a skill, not a format).  ``--long N`` adds a QES run of N iterations (on
+``--long-task``, the first seed) and reports its accuracy after 30 minutes of
+training (or at its end) against after 5 minutes, paired over the items.
 
-Every run directory is kept under --work (default: a temporary directory);
-re-running with the same --work resumes unfinished runs and reuses finished
-ones.  Prints one line per arm as it finishes, a table, writes --json and
---png, and prints the JSON as its last line.
+Cells live under --work (default: a temporary directory); re-running with
+the same --work resumes unfinished QES cells and reuses finished ones.  With
+``--jobs 2 --threads 1`` two cells run side by side, one thread each.
+Prints one line per cell, a table per task, writes --json (with a
+``summary``) and --png (held-out accuracy against minutes of training, one
+curve per arm), and prints the JSON as its last line.
 """
 
 from __future__ import annotations
@@ -42,68 +50,65 @@ import argparse
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from qes_edge.convert import convert_matrices
-from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import default_model_path, make_working_copy, open_model, weights_sha256
-from qes_edge.settings import Settings
-from qes_edge.tasks import load_task, mean_with_stderr
 from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards
+from qes_edge.evaluator import Evaluator
+from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
 from qes_edge.replica import LocalPopulation
 from qes_edge.run import Run, read_metrics
 from qes_edge.scorer import Scorer
+from qes_edge.settings import Settings
+from qes_edge.tasks import load_task, mean_with_stderr
+from qes_edge.tasks.arithmetic import STRICT
+from qes_edge.tasks.successor import answer_form
 from qes_edge.trainer import train
-from qes_edge.working_copy import export, release
+from qes_edge.working_copy import release
 
-QUICK = dict(iterations=2, population=2, batch=2, heldout=8)
-WINDOWS, DECAYS = (4, 50), (0.5, 0.9)
-ARMS = {
-    "QES, sidecar residual": dict(residual="sidecar"),
-    "QES, replay residual (K=50)": dict(residual="replay", window=50),
-    "QES, no error feedback": dict(error_feedback=False),
-}
-DENSE_ARM = "ES, full precision (F16 copy)"
+QUICK = dict(iterations=2, population=2, batch=2, heldout=8, eval_every=1)
+ARMS = {"qes": dict(), "no-ef": dict(error_feedback=False), "fp": None}
+LABELS = {"qes": "QES (error feedback)", "no-ef": "QES, no error feedback", "fp": "ES, full precision (F16)"}
+COLORS = {"qes": "tab:blue", "no-ef": "tab:gray", "fp": "tab:orange", "long": "tab:green"}
+IN_FORM = {"arithmetic": lambda text, item: STRICT.fullmatch(text.strip()) is not None,
+           "successor": lambda text, item: answer_form(text, item) is not None}
 Q4_1_BLOCK, Q4_1_BYTES = 32, 20  # elements and bytes per Q4_1 block; its first two bytes are d (f16)
+EARLY_MINUTES, LONG_MINUTES = 5.0, 30.0
 
 
-def outcome(before: dict, after: dict, seconds: float) -> dict:
-    """Held-out accuracy after the run, and its change paired over the same items."""
-    change, change_se = mean_with_stderr(b - a for a, b in zip(before["correct"], after["correct"]))
-    return {"accuracy_before": before["accuracy"], "accuracy_before_se": before["accuracy_se"],
-            "accuracy": after["accuracy"], "accuracy_se": after["accuracy_se"],
-            "change": change, "change_se": change_se, "n": after["n"], "seconds": round(seconds, 1)}
+def point(iteration: int, seconds: float, heldout: dict) -> dict:
+    """One held-out evaluation on the curve: when (iteration, training seconds before it) and what."""
+    return {"iteration": iteration, "seconds": round(seconds, 1), "accuracy": heldout["accuracy"],
+            "accuracy_se": heldout["accuracy_se"], "correct": heldout["correct"]}
 
 
 def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
-    """A real `qes-edge train` run (resumed if run_dir holds one), exported and summarized."""
+    """A real `qes-edge train` run (resumed if run_dir holds one): its held-out curve."""
     run = Run.load(run_dir) if (run_dir / "state.json").exists() else Run.create(run_dir, source, settings)
     train(run, LocalPopulation(run))
-    out = run_dir / "tuned.gguf"
-    export(run, out)
     release(run)
-    metrics = read_metrics(run_dir)
-    evals = [m for m in metrics if "heldout" in m]
-    result = outcome(evals[0]["heldout"], evals[-1]["heldout"], sum(m.get("iteration_s", 0) for m in metrics))
-    result["codes_stepped"] = sum(m.get("codes_stepped", 0) for m in metrics)
-    result["weights_sha256"] = weights_sha256(open_model(out))  # the export's metadata names the arm
-    return result
+    curve, seconds = [], 0.0
+    for m in read_metrics(run_dir):
+        seconds += m.get("iteration_s", 0.0)
+        if "heldout" in m:
+            curve.append(point(m["iteration"], seconds, m["heldout"]))
+    stepped = sum(m.get("codes_stepped", 0) for m in read_metrics(run_dir))
+    return {"curve": curve, "codes_stepped": stepped}
 
 
 class DenseES:
     """Full-precision ES on an F16 copy: float32 master weights, candidates written in place."""
 
-    def __init__(self, source: Path, settings: Settings, work: Path):
+    def __init__(self, source: Path, f16_path: Path, settings: Settings, work: Path):
         self.settings = settings
         quantized = open_model(source)
-        f16_path = work / "f16.gguf"
-        if not f16_path.exists():
-            convert_matrices(source, f16_path, "F16")
         f16 = open_model(f16_path)
         self.live = make_working_copy(f16_path, work / "f16-live.gguf")
         buf = np.memmap(self.live, dtype=np.uint8, mode="r+")
@@ -130,17 +135,17 @@ class DenseES:
         for i, (view, master, d) in enumerate(zip(self.views, self.master, self.scales)):
             view[:] = master if eps is None else master + (sign * self.sigma_dense) * d * eps[i]
 
-    def train(self, threads: int | None) -> dict:
+    def train(self) -> dict:
         s = self.settings
         task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
         pairs = s.population // 2
         step = s.alpha / (s.population * s.sigma) * self.sigma_dense
-        started = time.perf_counter()
-        with Evaluator(self.live, n_seq_max=s.batch, n_threads=threads) as evaluator:
+        seconds = 0.0
+        with Evaluator(self.live, n_seq_max=s.batch, n_threads=s.threads) as evaluator:
             score = Scorer(evaluator, task, s.max_tokens or task.max_tokens)
-            before = score.heldout()
-            start_training = time.perf_counter()
+            curve = [point(0, 0.0, score.heldout())]
             for t in range(s.iterations):
+                started = time.perf_counter()
                 seeds = iteration_seeds(s.seed, t, pairs)
                 items = iteration_batch(task, s.seed, t, s.batch)
                 plus, minus = [], []
@@ -155,22 +160,130 @@ class DenseES:
                         for master, d, e in zip(self.master, self.scales, self.noise(seed)):
                             master += (step * c) * d * e
                 self.write()
-            training = time.perf_counter() - start_training
-            after = score.heldout()
-        result = outcome(before, after, training)
-        result["total_seconds"] = round(time.perf_counter() - started, 1)
-        return result
+                seconds += time.perf_counter() - started
+                if (t + 1) % s.eval_every == 0 or t + 1 == s.iterations:
+                    curve.append(point(t + 1, seconds, score.heldout()))
+        return {"curve": curve}
 
 
-def run_dense(source: Path, settings: Settings, work: Path, threads: int | None) -> dict:
+def f16_copy(source: Path, work: Path) -> Path:
+    """The F16 GGUF the full-precision arm starts from, made once per --work."""
+    path = work / "f16.gguf"
+    if not path.exists():
+        convert_matrices(source, path, "F16")
+    return path
+
+
+def run_dense(source: Path, settings: Settings, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    result = DenseES(source, f16_copy(source, work.parent.parent), settings, work).train()
+    (work / "f16-live.gguf").unlink()
+    return result
+
+
+def base_form_rate(source: Path, settings: Settings) -> dict:
+    """How often the base model answers the held-out items in the task's asked-for form."""
+    task = load_task(settings.task, seed=settings.seed, heldout=settings.heldout)
+    with Evaluator(source, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
+        completions = evaluator.generate([i.prompt for i in task.heldout], task.max_tokens, task.stop)
+    in_form = [int(IN_FORM[task.name](c.text, i)) for c, i in zip(completions, task.heldout)]
+    rate, se = mean_with_stderr(in_form)
+    return {"in_form": rate, "in_form_se": se, "n": len(in_form),
+            "samples": [[i.prompt[-1]["content"], c.text] for c, i in list(zip(completions, task.heldout))[:3]]}
+
+
+def cell(source: Path, settings: Settings, arm: str, work: Path) -> dict:
+    """One (task, arm, seed) cell, computed once: its result is kept in work/result.json."""
     done = work / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     work.mkdir(parents=True, exist_ok=True)
-    result = DenseES(source, settings, work).train(threads)
-    (work / "f16-live.gguf").unlink()
+    if arm == "fp":
+        result = run_dense(source, settings, work / "dense")
+    else:
+        result = run_qes(source, dataclasses.replace(settings, **ARMS.get(arm) or {}), work / "run")
+    result.update(task=settings.task, arm=arm, seed=settings.seed, iterations=settings.iterations)
     done.write_text(json.dumps(result))
     return result
+
+
+# ---- pooling ---------------------------------------------------------------------------------------
+
+def paired(after: list[int], before: list[int]) -> tuple[float, float]:
+    return mean_with_stderr([a - b for a, b in zip(after, before)])
+
+
+def pooled(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Mean of independent per-seed estimates and its standard error."""
+    n = len(pairs)
+    return sum(m for m, _ in pairs) / n, math.sqrt(sum(se * se for _, se in pairs)) / n
+
+
+def at_minutes(curve: list[dict], minutes: float) -> dict:
+    """The last evaluation at or before ``minutes`` of training."""
+    return [p for p in curve if p["seconds"] <= minutes * 60][-1]
+
+
+def summarize(results: dict, task: str, seeds: list[int]) -> dict:
+    def change(arm: str, seed: int) -> tuple[float, float]:
+        curve = results[task, arm, seed]["curve"]
+        return paired(curve[-1]["correct"], curve[0]["correct"])
+
+    gains = {arm: pooled([change(arm, s) for s in seeds]) for arm in ARMS}
+    ef = pooled([paired(results[task, "qes", s]["curve"][-1]["correct"],
+                        results[task, "no-ef", s]["curve"][-1]["correct"]) for s in seeds])
+    share = gains["qes"][0] / gains["fp"][0] if gains["fp"][0] else float("nan")
+    return {"qes_gain": gains["qes"][0], "qes_gain_se": gains["qes"][1],
+            "no_ef_gain": gains["no-ef"][0], "no_ef_gain_se": gains["no-ef"][1],
+            "full_precision_gain": gains["fp"][0], "full_precision_gain_se": gains["fp"][1],
+            "qes_share_of_full_precision": share, "ef_minus_control": ef[0], "ef_minus_control_se": ef[1],
+            "seeds": seeds,
+            "per_seed": {arm: {str(s): dict(zip(("change", "change_se"), change(arm, s))) for s in seeds}
+                         for arm in ARMS}}
+
+
+def still_learning(curve: list[dict]) -> dict:
+    """The long run's accuracy after 30 minutes of training (or at its end) against after 5 minutes."""
+    early, end = at_minutes(curve, EARLY_MINUTES), at_minutes(curve, LONG_MINUTES)
+    gain, se = paired(end["correct"], early["correct"])
+    return {"early_iteration": early["iteration"], "early_minutes": round(early["seconds"] / 60, 2),
+            "early_accuracy": early["accuracy"], "end_iteration": end["iteration"],
+            "end_minutes": round(end["seconds"] / 60, 2), "end_accuracy": end["accuracy"],
+            "end_minus_early": gain, "end_minus_early_se": se}
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+def plot(report: dict, results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = report["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for arm in ARMS:
+            curves = [results[task, arm, seed]["curve"] for seed in report["seeds"]]
+            for curve in curves:
+                ax.plot([p["seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], color=COLORS[arm],
+                        alpha=0.3, linewidth=0.8)
+            mean = [(np.mean([c[i]["seconds"] for c in curves]) / 60, np.mean([c[i]["accuracy"] for c in curves]))
+                    for i in range(min(map(len, curves)))]
+            ax.plot(*zip(*mean), marker="o", markersize=4, color=COLORS[arm], linewidth=2,
+                    label=f"{LABELS[arm]} (mean of seeds; thin: each seed)")
+        long = report.get("long")
+        if long and long["task"] == task and (task, "long", long["seed"]) in results:
+            curve = results[task, "long", long["seed"]]["curve"]
+            ax.plot([p["seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], color=COLORS["long"],
+                    linewidth=1, label=f"QES, {long['iterations']} iterations (seed {long['seed']})")
+        ax.set_title(f"{task}: held-out accuracy, seeds {', '.join(map(str, report['seeds']))}", fontsize=9)
+        ax.set_xlabel("minutes of training (held-out evaluations excluded)")
+        ax.set_ylabel("held-out accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def versions() -> dict:
@@ -179,93 +292,103 @@ def versions() -> dict:
     return {name: version(name) for name in ("qes-edge", "llama_cpp_python", "gguf", "numpy")}
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
-    names = list(report["arms"])
-    arms = [report["arms"][n] for n in names]
-    left.bar(range(len(arms)), [a["accuracy"] for a in arms], yerr=[a["accuracy_se"] for a in arms], capsize=4,
-             color=["tab:blue", "tab:cyan", "tab:gray", "tab:orange"][:len(arms)])
-    left.axhline(arms[0]["accuracy_before"], color="black", linestyle="--", linewidth=1, label="base model (Q4_1)")
-    left.set_xticks(range(len(arms)), [n.replace(", ", ",\n", 1) for n in names], fontsize=8)
-    left.set_ylabel("held-out accuracy ± SE")
-    left.set_title(f"equal budget: {report['budget']['iterations']} iterations × population "
-                   f"{report['budget']['population']} × {report['budget']['batch']} prompts", fontsize=9)
-    left.legend(fontsize=8)
-    width = 0.8 / len(DECAYS)
-    for j, gamma in enumerate(DECAYS):
-        cells = [c for c in report["ablation"] if c["gamma"] == gamma]
-        right.bar([i + j * width for i in range(len(cells))], [c["accuracy"] for c in cells], width,
-                  yerr=[c["accuracy_se"] for c in cells], capsize=3, label=f"γ = {gamma}")
-    right.set_xticks([i + width * (len(DECAYS) - 1) / 2 for i in range(len(WINDOWS))], [f"K = {k}" for k in WINDOWS])
-    right.axhline(arms[0]["accuracy_before"], color="black", linestyle="--", linewidth=1)
-    right.set_title("replay residual: window K × decay γ", fontsize=9)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def print_tables(report: dict) -> None:
+    b = report["budget"]
+    print(f"\nbudget per cell: {b['iterations']} iterations x population {b['population']} x batch {b['batch']}, "
+          f"sigma {b['sigma']}, alpha {b['alpha']}, decay {b['decay']}, held-out n = {b['heldout']}, "
+          f"seeds {report['seeds']}")
+    for task, s in report["summary"].items():
+        form = report["base_in_form"][task]
+        print(f"\n{task}: base model answers in the asked-for form {form['in_form']:.2f} ± {form['in_form_se']:.2f}"
+              f" (n = {form['n']} x {len(report['seeds'])} seeds)")
+        print(f"{'arm':<28} {'pooled change ± SE':>20}   per seed")
+        for arm, key in (("qes", "qes_gain"), ("no-ef", "no_ef_gain"), ("fp", "full_precision_gain")):
+            seeds = "  ".join(f"{v['change']:+.3f}" for v in s["per_seed"][arm].values())
+            print(f"{LABELS[arm]:<28} {s[key]:>+12.3f} ± {s[key + '_se']:.3f}   {seeds}")
+        print(f"QES / full precision: {s['qes_share_of_full_precision']:.2f}; error feedback minus control: "
+              f"{s['ef_minus_control']:+.3f} ± {s['ef_minus_control_se']:.3f}")
+    if "long" in report:
+        x = report["long"]
+        print(f"\nlong run ({x['task']}, seed {x['seed']}, {x['iterations']} iterations): "
+              f"{x['early_accuracy']:.3f} at {x['early_minutes']} min (iteration {x['early_iteration']}) -> "
+              f"{x['end_accuracy']:.3f} at {x['end_minutes']} min: {x['end_minus_early']:+.3f} ± "
+              f"{x['end_minus_early_se']:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", type=Path, default=None, help="a Q4_1 GGUF (default: the default model)")
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK}, for regular checks")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--work", type=Path, default=None, help="keep (and resume) the runs here")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", default="arithmetic,successor")
+    parser.add_argument("--long", type=int, default=0, metavar="N", help="add a QES run of N iterations")
+    parser.add_argument("--long-task", default=None, help="the long run's task (default: the first task)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (each in its own process)")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads per cell")
+    parser.add_argument("--work", type=Path, default=None, help="keep (and resume) the cells here")
     parser.add_argument("--json", type=Path, default=Path("reproduce_qes.json"))
     parser.add_argument("--png", type=Path, default=Path("reproduce_qes.png"))
+    parser.add_argument("--cell", nargs=3, metavar=("TASK", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    source = (args.model or default_model_path()).resolve()
-    budget = Settings(threads=args.threads, **(QUICK if args.quick else {}))
-    budget.eval_every = budget.iterations  # held-out accuracy before and after only: the same for every arm
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qes-reproduce-") as tmp:
-        work = args.work or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        report = {"model": source.name, "quick": args.quick, "versions": versions(),
-                  "budget": {k: getattr(budget, k) for k in ("iterations", "population", "batch", "heldout",
-                                                             "sigma", "alpha", "decay", "shaping", "seed")},
-                  "arms": {}, "ablation": []}
+    source = default_model_path().resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = args.tasks.split(",")
+    base = Settings(threads=args.threads, **(QUICK if args.quick else {}))
 
-        def done(name: str, result: dict) -> dict:
-            print(f"{name:<34} {result['accuracy']:.3f} ± {result['accuracy_se']:.3f}  change "
-                  f"{result['change']:+.3f} ± {result['change_se']:.3f}  ({result['seconds']:.0f} s)", flush=True)
+    def settings_of(task: str, arm: str, seed: int) -> Settings:
+        iterations = args.long if arm == "long" else base.iterations
+        return dataclasses.replace(base, task=task, seed=seed, iterations=iterations)
+
+    with tempfile.TemporaryDirectory(prefix="qes-study-") as tmp:
+        work = (args.work or Path(tmp)).resolve()
+        if args.cell:  # one cell, in a process of its own (--jobs)
+            task, arm, seed = args.cell
+            cell(source, settings_of(task, arm, int(seed)), arm, work / f"{task}-{arm}-{seed}")
+            return
+        cells = [(t, a, s) for s in seeds for t in tasks for a in ARMS]
+        long_task = args.long_task or tasks[0]
+        if args.long:
+            cells.append((long_task, "long", seeds[0]))
+        started = time.perf_counter()
+
+        def compute(key: tuple) -> dict:
+            task, arm, seed = key
+            where = work / f"{task}-{arm}-{seed}"
+            if args.jobs > 1 and not (where / "result.json").exists():
+                command = [sys.executable, __file__, "--cell", task, arm, str(seed), "--work", str(work)]
+                command += ["--quick"] * args.quick + (["--threads", str(args.threads)] if args.threads else [])
+                command += ["--long", str(args.long)]
+                with open(work / f"{task}-{arm}-{seed}.log", "a") as log:
+                    subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            result = cell(source, settings_of(task, arm, seed), arm, where)
+            first, last = result["curve"][0], result["curve"][-1]
+            gain, se = paired(last["correct"], first["correct"])
+            print(f"{task:<11} {arm:<6} seed {seed}: {first['accuracy']:.3f} -> {last['accuracy']:.3f} "
+                  f"({gain:+.3f} ± {se:.3f}) in {last['seconds'] / 60:.1f} min", flush=True)
             return result
 
-        for i, (name, changes) in enumerate(ARMS.items()):
-            settings = dataclasses.replace(budget, **changes)
-            report["arms"][name] = done(name, run_qes(source, settings, work / f"arm{i}"))
-        report["arms"][DENSE_ARM] = done(DENSE_ARM, run_dense(source, budget, work / "dense", args.threads))
-        for window in WINDOWS:
-            for gamma in DECAYS:
-                settings = dataclasses.replace(budget, residual="replay", window=window, decay=gamma)
-                if (window, gamma) == (50, budget.decay):
-                    result = report["arms"]["QES, replay residual (K=50)"]
-                else:
-                    result = done(f"replay K={window} γ={gamma}", run_qes(source, settings, work / f"K{window}-g{gamma}"))
-                report["ablation"].append({"window": window, "gamma": gamma, **result})
-    sidecar, replay = report["arms"]["QES, sidecar residual"], report["arms"]["QES, replay residual (K=50)"]
-    report["replay_k50_equals_sidecar"] = sidecar["weights_sha256"] == replay["weights_sha256"]
-    report["seconds"] = round(time.perf_counter() - started, 1)
-
-    b = report["budget"]
-    print(f"\nequal budget: {b['iterations']} iterations, population {b['population']}, batch {b['batch']}, "
-          f"sigma {b['sigma']}, alpha {b['alpha']}, held-out n = {b['heldout']}")
-    print(f"{'arm':<34} {'before':>7} {'after ± SE':>15} {'paired change ± SE':>20} {'train s':>8}")
-    for name, r in report["arms"].items():
-        print(f"{name:<34} {r['accuracy_before']:>7.3f} {r['accuracy']:>8.3f} ± {r['accuracy_se']:.3f} "
-              f"{r['change']:>+12.3f} ± {r['change_se']:.3f} {r['seconds']:>8.0f}")
-    print(f"replay (K=50) gives the sidecar's weights, byte for byte: {report['replay_k50_equals_sidecar']}")
-    print(f"\n{'replay K':>8} {'γ':>5} {'after ± SE':>15} {'paired change ± SE':>20}")
-    for c in report["ablation"]:
-        print(f"{c['window']:>8} {c['gamma']:>5} {c['accuracy']:>8.3f} ± {c['accuracy_se']:.3f} "
-              f"{c['change']:>+12.3f} ± {c['change_se']:.3f}")
-    print(f"total {report['seconds']:.0f} s")
-    plot(report, args.png)
+        work.mkdir(parents=True, exist_ok=True)
+        f16_copy(source, work)
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            results = dict(zip(cells, pool.map(compute, cells)))
+        report = {"model": source.name, "quick": args.quick, "versions": versions(), "seeds": seeds, "tasks": tasks,
+                  "budget": {k: getattr(base, k) for k in ("iterations", "population", "batch", "heldout", "sigma",
+                                                           "alpha", "decay", "shaping", "eval_every")},
+                  "threads": args.threads, "jobs": args.jobs}
+        report["base_in_form"] = {}
+        for task in tasks:
+            rates = [base_form_rate(source, settings_of(task, "qes", s)) for s in seeds]
+            rate, se = pooled([(r["in_form"], r["in_form_se"]) for r in rates])
+            report["base_in_form"][task] = {"in_form": rate, "in_form_se": se, "n": rates[0]["n"],
+                                            "samples": rates[0]["samples"]}
+        report["summary"] = {task: summarize(results, task, seeds) for task in tasks}
+        if args.long:
+            report["long"] = {"task": long_task, "seed": seeds[0], "iterations": args.long,
+                              **still_learning(results[long_task, "long", seeds[0]]["curve"])}
+        report["curves"] = {f"{t}/{a}/{s}": [{k: p[k] for k in ("iteration", "seconds", "accuracy", "accuracy_se")}
+                                             for p in r["curve"]] for (t, a, s), r in results.items()}
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        print_tables(report)
+        plot(report, results, args.png)
     args.json.write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 

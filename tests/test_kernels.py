@@ -6,7 +6,7 @@ import pytest
 from blocks import ALL, make_space
 from qes_edge.errors import QesError
 from qes_edge.formats import FORMATS
-from qes_edge.kernels import NoiseTable, sample_tensor, tensor_key
+from qes_edge.kernels import NoiseTable, sample_tensor, support_seed, tensor_key
 from qes_edge.residual import NoResidual, ReplayResidual, SidecarResidual
 
 pytestmark = pytest.mark.unit
@@ -21,11 +21,14 @@ def codes_of(space):
     return out
 
 
-def deltas_of(space, seed):
+SUPPORT = 1234567  # the support seed of the tests that perturb one seed at a time
+
+
+def deltas_of(space, seed, support=SUPPORT):
     """Dense delta per tensor from the reference sampler."""
     out = []
     for slot in space.tensors:
-        positions, deltas = sample_tensor(seed, tensor_key(slot.name), slot.n_elements, space.noise)
+        positions, deltas = sample_tensor(seed, support, tensor_key(slot.name), slot.n_elements, space.noise)
         dense = np.zeros(slot.n_elements, dtype=np.int64)
         dense[positions] = deltas
         out.append(dense)
@@ -38,7 +41,7 @@ def test_perturb_restore_is_byte_identical_for_every_format(sigma):
     original = space.buf.copy()
     for seed in [1, 2, -2, 12345]:
         before = codes_of(space)
-        changed = space.perturb(seed)
+        changed = space.perturb(seed, SUPPORT)
         assert changed > 0 and not np.array_equal(space.buf, original)
         for slot, codes, after, delta in zip(space.tensors, before, codes_of(space), deltas_of(space, seed)):
             fmt = FORMATS[slot.ggml_type]
@@ -46,7 +49,7 @@ def test_perturb_restore_is_byte_identical_for_every_format(sigma):
             inside = (moved >= fmt.code_lo) & (moved <= fmt.code_hi)
             assert np.array_equal(after, np.where(inside, moved, codes))  # gated where it would leave
             assert after.min() >= fmt.code_lo and after.max() <= fmt.code_hi
-        assert space.restore(seed) == changed
+        assert space.restore(seed, SUPPORT) == changed
         assert np.array_equal(space.buf, original)
         assert not space.gated.any()
 
@@ -54,7 +57,7 @@ def test_perturb_restore_is_byte_identical_for_every_format(sigma):
 def test_perturbation_only_touches_code_bits():
     space = make_space(ALL, 0.5)
     original = space.buf.copy()
-    space.perturb(99)
+    space.perturb(99, SUPPORT)
     for slot, codes in zip(space.tensors, codes_of(space)):
         fmt = FORMATS[slot.ggml_type]
         n_bytes = slot.n_elements // fmt.block_elems * fmt.block_bytes
@@ -64,25 +67,37 @@ def test_perturbation_only_touches_code_bits():
     assert np.array_equal(space.buf[:16], original[:16])
 
 
-def test_same_seed_same_bytes_and_different_seeds_different_positions():
+def test_same_seed_same_bytes_and_pairs_share_the_support():
     a, b = make_space(ALL, 0.05), make_space(ALL, 0.05)
-    a.perturb(7)
-    b.perturb(7)
+    a.perturb(7, SUPPORT)
+    b.perturb(7, SUPPORT)
     assert np.array_equal(a.buf, b.buf)
     n = a.noise
     key = tensor_key("blk.0.Q8_0")
-    p7, _ = sample_tensor(7, key, 100_000, n)
-    p8, _ = sample_tensor(8, key, 100_000, n)
-    other, _ = sample_tensor(7, tensor_key("blk.1.Q4_0"), 100_000, n)
-    assert not np.array_equal(p7, p8) and not np.array_equal(p7, other)
-    assert len(np.intersect1d(p7, p8)) < 0.1 * len(p7)
+    p7, d7 = sample_tensor(7, SUPPORT, key, 100_000, n)
+    p8, d8 = sample_tensor(8, SUPPORT, key, 100_000, n)
+    # The pairs of an iteration perturb the same codes, each with signs of its own.
+    assert np.array_equal(p7, p8) and np.array_equal(np.abs(d7), np.abs(d8))
+    agree = np.mean(np.sign(d7) == np.sign(d8))
+    assert abs(agree - 0.5) < 5 * 0.5 / np.sqrt(len(d7))
+    # Another iteration's support, or another tensor, is another set of codes.
+    other_support, _ = sample_tensor(7, SUPPORT + 1, key, 100_000, n)
+    other_tensor, _ = sample_tensor(7, SUPPORT, tensor_key("blk.1.Q4_0"), 100_000, n)
+    for other in (other_support, other_tensor):
+        assert len(np.intersect1d(p7, other)) < 0.1 * len(p7)
+
+
+def test_support_seed_is_a_pure_function_of_the_pair_seeds():
+    seeds = np.array([3, 5, 7], dtype=np.int64)
+    assert support_seed(seeds) == support_seed(seeds.copy()) > 0
+    assert support_seed(seeds) != support_seed(np.array([3, 5, 8], dtype=np.int64))
 
 
 def test_mirrored_seed_gives_the_negated_perturbation():
     n = NoiseTable.for_sigma(0.3)
     key = tensor_key("blk.3.ffn_up.weight")
-    pos, delta = sample_tensor(31, key, 50_000, n)
-    pos_m, delta_m = sample_tensor(-31, key, 50_000, n)
+    pos, delta = sample_tensor(31, SUPPORT, key, 50_000, n)
+    pos_m, delta_m = sample_tensor(-31, SUPPORT, key, 50_000, n)
     assert np.array_equal(pos, pos_m) and np.array_equal(delta, -delta_m)
 
 
@@ -91,7 +106,7 @@ def test_sampled_deltas_follow_stochastic_rounding_of_a_normal(sigma):
     """Counts of each delta value match stochastic_round(sigma * eps) drawn densely, within 5 SE."""
     n = NoiseTable.for_sigma(sigma)
     size = 4_000_000
-    _, deltas = sample_tensor(5, tensor_key("t"), size, n)
+    _, deltas = sample_tensor(5, SUPPORT, tensor_key("t"), size, n)
     rng = np.random.default_rng(0)
     x = sigma * rng.standard_normal(size)
     dense = np.floor(x) + (rng.random(size) < x - np.floor(x))
@@ -125,7 +140,7 @@ def reference_update(codes, ranges, history, deltas, gamma_fx, feedback, window)
     for h in rows:
         seeds, weights = history[h]
         for k, (c, e, (lo, hi)) in enumerate(zip(codes, errors, ranges)):
-            g = sum(w * deltas[s][k] for s, w in zip(seeds, weights))
+            g = sum(w * deltas[h, s][k] for s, w in zip(seeds, weights))
             u = g + ((gamma_fx * e + HALF) >> 15) if feedback else g
             step = (u + HALF) >> 15
             e[:] = u - step * ONE if feedback else 0
@@ -141,13 +156,14 @@ def random_history(rng, iterations, pairs):
             for _ in range(iterations)]
 
 
+@pytest.mark.parametrize("gamma", [0.9, 1.0])
 @pytest.mark.parametrize("store", ["sidecar", "replay", "replay-window-2", "none"])
-def test_update_equals_dense_reference(store, tmp_path):
+def test_update_equals_dense_reference(store, gamma, tmp_path):
     space = make_space(ALL, 0.2, seed=3)
     ranges = [(FORMATS[s.ggml_type].code_lo, FORMATS[s.ggml_type].code_hi) for s in space.tensors]
     rng = np.random.default_rng(11)
     history = random_history(rng, 6, 4)
-    deltas = {s: deltas_of(space, s) for seeds, _ in history for s in seeds}
+    deltas = {(h, s): deltas_of(space, s, support_seed(seeds)) for h, (seeds, _) in enumerate(history) for s in seeds}
     window = {"sidecar": 10**9, "replay": 50, "replay-window-2": 2, "none": 0}[store]
     residual = {
         "sidecar": lambda: SidecarResidual(tmp_path / "residual.bin", "ab" * 32, space.n_codes),
@@ -156,9 +172,9 @@ def test_update_equals_dense_reference(store, tmp_path):
         "none": NoResidual,
     }[store]()
     for t in range(len(history)):
-        expected, errors = reference_update(codes_of(space), ranges, history[:t + 1], deltas, 29491,
-                                            store != "none", window)
-        residual.update(space, history[:t + 1], gamma=0.9)
+        expected, errors = reference_update(codes_of(space), ranges, history[:t + 1], deltas,
+                                            {0.9: 29491, 1.0: ONE}[gamma], store != "none", window)
+        residual.update(space, history[:t + 1], gamma=gamma)
         for got, want in zip(codes_of(space), expected):
             assert np.array_equal(got, want)
         if store == "sidecar":
@@ -192,7 +208,7 @@ def test_error_feedback_moves_codes_that_plain_rounding_cannot(tmp_path):
     assert np.array_equal(plain.buf, base.buf)
     start = codes_of(base)[0]
     drift = codes_of(space)[0] - start
-    delta = deltas_of(space, 77)[0]
+    delta = deltas_of(space, 77, support_seed(history[0][0]))[0]
     free = (start > -125) & (start < 125)  # away from the edges, where steps are blocked
     assert np.all(drift[free & (delta == 1)] == 3) and np.all(drift[free & (delta == -1)] == -3)
     assert np.all(drift[delta == 0] == 0) and (free & (delta != 0)).sum() > 100

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from blocks import ALL, make_space
 from qes_edge.errors import QesError
-from qes_edge.kernels import CodeSpace, NoiseTable, Update, native, sample_tensor, tensor_key, to_fixed
+from qes_edge.kernels import CodeSpace, NoiseTable, Update, native, sample_tensor, support_seed, tensor_key, to_fixed
 
 pytestmark = pytest.mark.unit
 
@@ -23,6 +23,7 @@ needs_native = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"native kerne
 SIGMAS = [1e-5, 0.001, 0.01, 0.2, 1.5, 4.0]  # 1e-5: most gaps run past the gap table; 4.0: long magnitude table
 NOISE = {sigma: NoiseTable.for_sigma(sigma) for sigma in SIGMAS}
 SEEDS = [1, -1, 0, 7, -12345, 2**63 - 1, -(2**63), -(2**63) + 1]  # 0 and -2**63: the edges of |seed|
+SUPPORT = 987654321
 
 
 def twins(qtypes, sigma, seed=0):
@@ -46,21 +47,22 @@ def test_sampled_positions_and_signs_are_identical(sigma):
     size = 3_000_000 if sigma < 1e-3 else 200_000  # enough non-zeros at the sparsest sigma
     for seed in SEEDS:
         key = tensor_key(f"blk.{seed % 7}.ffn_up.weight")
-        want = sample_tensor(seed, key, size, n)
-        got = native.sample_tensor(seed, key, size, n)
+        support = SUPPORT + seed % 5
+        want = sample_tensor(seed, support, key, size, n)
+        got = native.sample_tensor(seed, support, key, size, n)
         assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
 @needs_native
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(-(2**63), 2**63 - 1), key=st.integers(0, 2**64 - 1),
-       n_elements=st.integers(0, 40_000), sigma=st.sampled_from(SIGMAS))
-def test_sampling_matches_for_any_seed_key_and_length(seed, key, n_elements, sigma):
+@given(seed=st.integers(-(2**63), 2**63 - 1), support=st.integers(-(2**63), 2**63 - 1),
+       key=st.integers(0, 2**64 - 1), n_elements=st.integers(0, 40_000), sigma=st.sampled_from(SIGMAS))
+def test_sampling_matches_for_any_seed_support_key_and_length(seed, support, key, n_elements, sigma):
     n = NOISE[sigma]
     key = np.uint64(key)
-    want = sample_tensor(seed, key, n_elements, n)
-    got = native.sample_tensor(seed, key, n_elements, n)
+    want = sample_tensor(seed, support, key, n_elements, n)
+    got = native.sample_tensor(seed, support, key, n_elements, n)
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
@@ -73,10 +75,10 @@ def test_apply_and_restore_give_identical_bytes(qtypes, sigma):
     c_space, numba_space = twins(qtypes, sigma, seed=len(qtypes))
     original = c_space.buf.copy()
     for seed in SEEDS[:5]:
-        changed = c_space.perturb(seed)
-        assert changed == numba_space.perturb(seed)
+        changed = c_space.perturb(seed, SUPPORT)
+        assert changed == numba_space.perturb(seed, SUPPORT)
         assert_same(c_space, numba_space)
-        assert c_space.restore(seed) == numba_space.restore(seed) == changed
+        assert c_space.restore(seed, SUPPORT) == numba_space.restore(seed, SUPPORT) == changed
         assert_same(c_space, numba_space)
         assert np.array_equal(c_space.buf, original) and not c_space.gated.any()
 
@@ -87,10 +89,10 @@ def test_stacked_perturbations_agree_step_by_step():
     c_space, numba_space = twins(ALL, 1.0, seed=9)
     seeds = [3, -3, 11]
     for seed in seeds:
-        assert c_space.perturb(seed) == numba_space.perturb(seed)
+        assert c_space.perturb(seed, SUPPORT) == numba_space.perturb(seed, SUPPORT)
         assert_same(c_space, numba_space)
     for seed in reversed(seeds):
-        assert c_space.restore(seed) == numba_space.restore(seed)
+        assert c_space.restore(seed, SUPPORT) == numba_space.restore(seed, SUPPORT)
         assert_same(c_space, numba_space)
 
 
@@ -172,13 +174,15 @@ def test_native_results_do_not_depend_on_thread_count():
         buf, gated = space.buf.copy(), space.gated.copy()
         residual = np.zeros(space.n_codes, dtype=np.int16)
         tables = (space.layout, space.table, space.noise)
-        changed = native.perturb_codes(buf, *tables, np.int64(5), gated, False, threads=threads)
+        changed = native.perturb_codes(buf, *tables, np.int64(5), np.int64(SUPPORT), gated, False, threads=threads)
         perturbed, perturbed_gated = buf.copy(), gated.copy()
-        native.perturb_codes(buf, *tables, np.int64(5), gated, True, threads=threads)
-        counts = [native.es_update(buf, *tables, Update(seeds[t:t + 1], weights[t:t + 1], gamma_fx, True, True),
-                                   residual, threads=threads) for t in range(4)]
-        counts.append(native.es_update(buf, *tables, Update(seeds, weights, gamma_fx, True, False), residual,
-                                       threads=threads))
+        native.perturb_codes(buf, *tables, np.int64(5), np.int64(SUPPORT), gated, True, threads=threads)
+        supports = np.array([support_seed(row) for row in seeds], dtype=np.int64)
+        counts = [native.es_update(buf, *tables, Update(seeds[t:t + 1], supports[t:t + 1], weights[t:t + 1],
+                                                        gamma_fx, True, True), residual, threads=threads)
+                  for t in range(4)]
+        counts.append(native.es_update(buf, *tables, Update(seeds, supports, weights, gamma_fx, True, False),
+                                       residual, threads=threads))
         outcomes.append((changed, perturbed.tobytes(), perturbed_gated.tobytes(), counts, buf.tobytes(),
                          residual.tobytes()))
     assert outcomes[0] == outcomes[1] == outcomes[2]

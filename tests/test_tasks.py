@@ -23,6 +23,10 @@ def countdown_key(item):
     return tuple(sorted(item.meta["numbers"])), item.meta["target"]
 
 
+def successor_key(item):
+    return item.meta["n"]
+
+
 # --- built-in generation ----------------------------------------------------
 
 
@@ -35,7 +39,8 @@ def test_same_seed_same_items_other_seed_other_items(name):
     assert first.train != other.train and first.heldout != other.heldout
 
 
-@pytest.mark.parametrize("name, key", [("arithmetic", arithmetic_key), ("countdown", countdown_key)])
+@pytest.mark.parametrize("name, key", [("arithmetic", arithmetic_key), ("countdown", countdown_key),
+                                       ("successor", successor_key)])
 def test_builtin_split_sizes_and_disjoint_questions(name, key):
     task = load_task(name, seed=1, heldout=30, train_size=100)
     assert len(task.heldout) == 30 and len(task.train) == 100
@@ -52,6 +57,21 @@ def test_builtin_default_sizes():
     assert (len(load_task("countdown").train), len(load_task("countdown").heldout)) == (2000, 64)
     arithmetic = load_task("arithmetic")  # every distinct question not held out, up to 2000
     assert len(arithmetic.heldout) == 64 and 50 <= len(arithmetic.train) <= 2000
+
+
+def test_successor_scores_the_asked_for_form_and_the_number():
+    task = load_task("successor", seed=0, heldout=10)
+    item = task.heldout[0]
+    n = item.meta["n"]
+    assert "right after " + str(n) in item.prompt[0]["content"] and item.answer == str(n + 1)
+    cases = [(f"The number after {n} is {n + 1}.", 1.0, True), (f" The number after {n} is {n + 1}", 1.0, True),
+             (f"The number after {n} is {n}.", 0.1, False), (f"The number after {n + 5} is {n + 1}.", 0.0, False),
+             (f"{n + 1}", 0.0, False), ("", 0.0, False)]
+    for completion, reward, correct in cases:
+        assert (task.reward(completion, item), task.correct(completion, item)) == (reward, correct), completion
+    assert len(task.train) == 990 - 10
+    with pytest.raises(QesError, match="too few"):
+        load_task("successor", heldout=990)
 
 
 def test_every_countdown_item_is_solvable_by_its_stored_solution():
@@ -250,7 +270,7 @@ def test_empty_and_single_item_datasets_are_errors(tmp_path):
 
 
 def test_unknown_task_lists_builtins():
-    with pytest.raises(QesError, match="arithmetic, countdown"):
+    with pytest.raises(QesError, match="arithmetic, countdown, successor"):
         load_task("no-such-task")
 
 

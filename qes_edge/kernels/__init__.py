@@ -12,9 +12,9 @@ makes Numba's code about a third slower.
 """
 
 from .codes import Layout
-from .noise import CHUNK, SCHEME, NoiseTable, sample_tensor, tensor_key
+from .noise import CHUNK, SCHEME, NoiseTable, sample_tensor, support_seed, tensor_key
 from .space import CodeSpace, TensorSlot, TensorTable
 from .update import FRACTION_BITS, Update, to_fixed
 
-__all__ = ["CHUNK", "SCHEME", "Layout", "NoiseTable", "sample_tensor", "tensor_key", "CodeSpace", "TensorSlot",
-           "TensorTable", "FRACTION_BITS", "Update", "to_fixed"]
+__all__ = ["CHUNK", "SCHEME", "Layout", "NoiseTable", "sample_tensor", "support_seed", "tensor_key", "CodeSpace",
+           "TensorSlot", "TensorTable", "FRACTION_BITS", "Update", "to_fixed"]

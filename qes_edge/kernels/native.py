@@ -28,7 +28,7 @@ from ..errors import QesError
 from .noise import CHUNK, GUIDE_BITS
 from .update import FRACTION_BITS
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIBRARY_DIR = Path(__file__).with_name("_native")
 LIBRARY_NAME = {"win32": "qes_kernels.dll", "darwin": "libqes_kernels.dylib"}.get(sys.platform, "libqes_kernels.so")
 ENV = "QES_EDGE_KERNELS"
@@ -54,7 +54,8 @@ class _Noise(ctypes.Structure):
 
 
 class _Update(ctypes.Structure):
-    _fields_ = [("seeds", _ptr), ("weights", _ptr), ("rows", _i64), ("pairs", _i64), ("gamma_fx", _i64),
+    _fields_ = [("seeds", _ptr), ("supports", _ptr), ("weights", _ptr), ("rows", _i64), ("pairs", _i64),
+                ("gamma_fx", _i64),
                 ("feedback", ctypes.c_int), ("stored_residual", ctypes.c_int)]
 
 
@@ -78,9 +79,9 @@ def _library() -> ctypes.CDLL:
         raise NativeUnavailable(f"{path} is stale (built from other sources); rebuild it")
     layout, tensors, noise = ctypes.POINTER(_Layout), ctypes.POINTER(_Tensors), ctypes.POINTER(_Noise)
     lib.qes_sample_tensor.restype = _i64
-    lib.qes_sample_tensor.argtypes = [_i64, _u64, _i64, noise, _ptr, _ptr, _i64]
+    lib.qes_sample_tensor.argtypes = [_i64, _i64, _u64, _i64, noise, _ptr, _ptr, _i64]
     lib.qes_perturb_codes.restype = _i64
-    lib.qes_perturb_codes.argtypes = [_ptr, layout, tensors, noise, _i64, _ptr, ctypes.c_int, ctypes.c_int]
+    lib.qes_perturb_codes.argtypes = [_ptr, layout, tensors, noise, _i64, _i64, _ptr, ctypes.c_int, ctypes.c_int]
     lib.qes_es_update.restype = ctypes.c_int
     lib.qes_es_update.argtypes = [_ptr, layout, tensors, noise, ctypes.POINTER(_Update), _ptr, _ptr, ctypes.c_int]
     return lib
@@ -156,12 +157,13 @@ def _noise(noise) -> _Noise:
 
 
 def _update(update) -> _Update:
-    seeds, weights = update.seeds, update.weights
-    if seeds.ndim != 2 or seeds.shape != weights.shape or seeds.shape[0] < 1:
-        raise ValueError(f"seeds and weights must be the same [rows >= 1, pairs] shape, got {seeds.shape}, "
-                         f"{weights.shape}")
-    return _Update(_address(seeds, np.int64), _address(weights, np.int64), seeds.shape[0], seeds.shape[1],
-                   int(update.gamma_fx), int(bool(update.feedback)), int(bool(update.stored_residual)))
+    seeds, supports, weights = update.seeds, update.supports, update.weights
+    if seeds.ndim != 2 or seeds.shape != weights.shape or seeds.shape[0] < 1 or supports.shape != seeds.shape[:1]:
+        raise ValueError(f"seeds and weights must be the same [rows >= 1, pairs] shape with a support per row, "
+                         f"got {seeds.shape}, {weights.shape}, {supports.shape}")
+    return _Update(_address(seeds, np.int64), _address(supports, np.int64), _address(weights, np.int64),
+                   seeds.shape[0], seeds.shape[1], int(update.gamma_fx), int(bool(update.feedback)),
+                   int(bool(update.stored_residual)))
 
 
 def _codes_spanned(tensors) -> int:
@@ -174,7 +176,7 @@ def _threads(threads) -> int:
     return default_threads() if threads is None else int(threads)
 
 
-def sample_tensor(seed, key, n_elements, noise):
+def sample_tensor(seed, support, key, n_elements, noise):
     """All non-zero (element, delta) of one tensor, as :func:`qes_edge.kernels.noise.sample_tensor`."""
     lib = _library()
     noise_struct = _noise(noise)
@@ -184,21 +186,22 @@ def sample_tensor(seed, key, n_elements, noise):
     while True:
         positions = np.empty(capacity, dtype=np.int64)
         deltas = np.empty(capacity, dtype=np.int8)
-        count = lib.qes_sample_tensor(int(seed), int(key), int(n_elements), ctypes.byref(noise_struct),
+        count = lib.qes_sample_tensor(int(seed), int(support), int(key), int(n_elements), ctypes.byref(noise_struct),
                                       positions.ctypes.data, deltas.ctypes.data, capacity)
         if count <= capacity:
             return positions[:count], deltas[:count]
         capacity = count
 
 
-def perturb_codes(buf, layout, tensors, noise, seed, gated, restore, threads=None):
+def perturb_codes(buf, layout, tensors, noise, seed, support, gated, restore, threads=None):
     """Apply or undo the perturbation of ``seed``, as :func:`qes_edge.kernels.perturb.perturb_codes`."""
     lib = _library()
     if gated.shape[0] * 8 < _codes_spanned(tensors):
         raise ValueError("gated has fewer bits than the space has codes")
     changed = lib.qes_perturb_codes(_address(buf, np.uint8, True), ctypes.byref(_layout(layout)),
                                     ctypes.byref(_tensors(tensors)), ctypes.byref(_noise(noise)), int(seed),
-                                    _address(gated, np.uint8, True), int(bool(restore)), _threads(threads))
+                                    int(support), _address(gated, np.uint8, True), int(bool(restore)),
+                                    _threads(threads))
     if changed < 0:
         raise MemoryError("native perturb_codes: cannot allocate scratch memory")
     return changed

@@ -1,23 +1,39 @@
-"""The seeded sparse perturbation delta = stochastic_round(sigma * eps), eps ~ N(0, 1).
+"""The seeded sparse perturbations of one iteration: a support shared by every pair, signs per pair.
 
-For small sigma almost every delta is 0, so instead of drawing one normal per
-code we draw the *gaps* between non-zero deltas (geometric) and, for each
-non-zero, its sign and magnitude.  Everything here that runs per code is
-integer arithmetic (splitmix64 and table look-ups), so the Numba kernels, the
-C twin and another machine produce the same positions and signs.
+Candidate p of an iteration adds delta_p = s_p * m to the codes, where the
+support m is the same for every pair of the iteration and the signs s_p are
+the pair's own:
 
-The tables are built once per sigma in Python with :mod:`decimal`, whose
-arithmetic is specified to the last digit (unlike libm's ``erfc``), so two
-machines given the same sigma build the same integer tables.
+- the support: each code is in it with probability P(delta != 0) of
+  delta = stochastic_round(sigma * eps), eps ~ N(0, 1), and has that
+  delta's magnitude (1 at any small sigma).  It is drawn as the *gaps*
+  between its codes (geometric) and a magnitude for each, from a stream
+  keyed by the iteration's support seed (:func:`support_seed`);
+- the signs: one fair sign per support code from a stream keyed by the
+  pair's seed; the mirrored seed -s flips every sign, giving exactly -delta.
+
+Each candidate's delta is therefore distributed as before (a sparse
+stochastic rounding of sigma * eps), but the pairs of an iteration share
+their codes: a code's update sums every pair's signed weight instead of
+taking one pair's weight alone, so the pairs dither each other and rounding
+to whole steps keeps most of the estimated gradient.
+
+Everything here that runs per code is integer arithmetic (splitmix64 and
+table look-ups), so the Numba kernels, the C twin and another machine
+produce the same positions and signs.  The tables are built once per sigma
+in Python with :mod:`decimal`, whose arithmetic is specified to the last
+digit (unlike libm's ``erfc``), so two machines given the same sigma build
+the same integer tables.
 
 Streams: a tensor is cut into chunks of ``CHUNK`` elements; chunk k of tensor
-``key`` under seed s has its own stream, keyed by (|s|, key, k).  A delta is
-therefore a pure function of (seed, tensor, element), chunks can be drawn in
-parallel, and the mirrored seed -s gives exactly -delta.
+``key`` has a support stream keyed by (support seed, key, k) and a sign stream
+keyed by (|s|, key ^ SIGN_SALT, k).  A delta is therefore a pure function of
+(support seed, seed, tensor, element), and chunks can be drawn in parallel.
 """
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal, localcontext
 from typing import NamedTuple
 
@@ -27,11 +43,12 @@ from numba import njit
 CHUNK = 8192  # elements per stream; part of the determinism contract
 GUIDE_BITS = 12  # the gap table is searched from a 4096-entry guide
 MAX_GAP_TABLE = 1 << 16
-SCHEME = "splitmix64-geometric-chunk8192-v1"  # recorded in runs; change it when streams change
+SCHEME = "splitmix64-shared-support-chunk8192-v2"  # recorded in runs; change it when streams change
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+SIGN_SALT = np.uint64(0x5349474E53414C54)  # keeps a seed's sign stream apart from a support stream
 
 
 def tensor_key(name: str) -> np.uint64:
@@ -86,35 +103,45 @@ def draw_gap(state, gap_tail, guide):
 
 
 @njit(inline="always")
-def draw_delta(state, magnitude_tail, sign):
-    """Sign and magnitude of a non-zero delta; ``sign`` is +1 or -1 (the mirrored seed flips it)."""
+def draw_magnitude(state, magnitude_tail):
+    """|delta| of a support code: 1 plus how many thresholds ``magnitude_tail[1:]`` a fresh u falls below."""
     state, u = next_u64(state)
     magnitude = np.int64(1)
-    v = u << np.uint64(1)
-    while magnitude < magnitude_tail.shape[0] and v < magnitude_tail[magnitude]:
+    while magnitude < magnitude_tail.shape[0] and u < magnitude_tail[magnitude]:
         magnitude += 1
-    if u >> np.uint64(63):
-        sign = -sign
-    return state, sign * magnitude
+    return state, magnitude
+
+
+def support_seed(seeds: np.ndarray) -> np.int64:
+    """The support seed of an iteration: a pure function of its pair seeds (so rows need nothing else)."""
+    digest = hashlib.blake2b(np.asarray(seeds, dtype="<i8").tobytes(), digest_size=8, person=b"qes-support").digest()
+    return np.int64((int.from_bytes(digest, "little") >> 2) | 1)
 
 
 @njit(inline="always")
-def seed_stream(seed, key, start):
-    """The stream of chunk ``start // CHUNK`` of tensor ``key`` under a signed seed: (state, sign)."""
+def chunk_streams(support, seed, key, start):
+    """The streams of chunk ``start // CHUNK`` of tensor ``key``: (support state, sign state, sign of ``seed``)."""
+    chunk = start // CHUNK
     seed_abs = seed if seed > 0 else -seed
     sign = np.int64(1) if seed > 0 else np.int64(-1)
-    return stream_start(seed_abs, key, start // CHUNK), sign
+    return (stream_start(support, key, chunk), stream_start(seed_abs, np.uint64(key) ^ SIGN_SALT, chunk), sign)
 
 
 @njit(inline="always")
-def next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign):
-    """The next non-zero delta at or after ``element``: (state, element, delta); element >= end ends the chunk."""
-    state, gap = draw_gap(state, gap_tail, guide)
+def next_delta(support_state, sign_state, element, end, gap_tail, guide, magnitude_tail, sign):
+    """The next support code at or after ``element`` and this seed's delta there.
+
+    Returns (support state, sign state, element, delta); element >= end ends the chunk.
+    """
+    support_state, gap = draw_gap(support_state, gap_tail, guide)
     element += gap
     if element >= end:
-        return state, element, np.int64(0)
-    state, delta = draw_delta(state, magnitude_tail, sign)
-    return state, element, delta
+        return support_state, sign_state, element, np.int64(0)
+    support_state, magnitude = draw_magnitude(support_state, magnitude_tail)
+    sign_state, u = next_u64(sign_state)
+    if u >> np.uint64(63):
+        return support_state, sign_state, element, -sign * magnitude
+    return support_state, sign_state, element, sign * magnitude
 
 
 class NoiseTable(NamedTuple):
@@ -151,7 +178,7 @@ class NoiseTable(NamedTuple):
             while k > 0 and tail[k] <= top:
                 k -= 1
             guide[bucket] = k  # the gap of every u in this bucket is at least k
-        # |delta| > m given non-zero, as 2**64 fixed point (compared against 63 shifted bits of u).
+        # |delta| > m given non-zero, as 2**64 fixed point (compared against a uniform 64-bit u).
         half = nonzero / 2
         magnitude, above = [0], half
         for p in probs:
@@ -215,7 +242,7 @@ _PI = "3.14159265358979323846264338327950288419716939937510582097494459"
 
 
 @njit(cache=True)
-def sample_tensor(seed, key, n_elements, noise):
+def sample_tensor(seed, support, key, n_elements, noise):
     """All non-zero (element, delta) of one tensor: the readable reference for tests and tools."""
     cap = 16
     positions = np.empty(cap, dtype=np.int64)
@@ -226,9 +253,10 @@ def sample_tensor(seed, key, n_elements, noise):
     for chunk in range(n_chunks):
         element = np.int64(chunk) * CHUNK
         end = min(element + CHUNK, n_elements)
-        state, sign = seed_stream(seed, key, element)
+        support_state, sign_state, sign = chunk_streams(support, seed, key, element)
         while True:
-            state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+            support_state, sign_state, element, delta = next_delta(support_state, sign_state, element, end,
+                                                                    gap_tail, guide, magnitude_tail, sign)
             if element >= end:
                 break
             if count == cap:

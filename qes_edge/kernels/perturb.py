@@ -1,4 +1,4 @@
-"""Gated apply and exact restore of one seeded perturbation, in place on the live bytes.
+"""Gated apply and exact restore of one seeded perturbation (seed, support seed), in place on the live bytes.
 
 Gating: where code + delta would leave the format's range the code is left
 alone, and its bit is set in ``gated`` (one bit per trainable code) so that
@@ -13,12 +13,14 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import next_nonzero, seed_stream
+from .noise import chunk_streams, next_delta
 
 
 @njit(parallel=True, cache=True)
-def perturb_codes(buf, layout, tensors, noise, seed, gated, restore):
+def perturb_codes(buf, layout, tensors, noise, seed, support, gated, restore):
     """Apply (``restore=False``) or undo (``restore=True``) the perturbation of ``seed``; returns codes changed.
+
+    ``support``: the iteration's support seed (:func:`~qes_edge.kernels.noise.support_seed`).
 
     ``layout``: :class:`~qes_edge.kernels.codes.Layout`; ``tensors``:
     :class:`~qes_edge.kernels.space.TensorTable`; ``noise``: the
@@ -27,12 +29,12 @@ def perturb_codes(buf, layout, tensors, noise, seed, gated, restore):
     chunks = tensors.chunks
     changed = np.zeros(chunks.shape[0], dtype=np.int64)
     for c in prange(chunks.shape[0]):
-        changed[c] = perturb_chunk(buf, layout, tensors, chunks[c], noise, seed, gated, restore)
+        changed[c] = perturb_chunk(buf, layout, tensors, chunks[c], noise, seed, support, gated, restore)
     return changed.sum()
 
 
 @njit(cache=True)
-def perturb_chunk(buf, layout, tensors, chunk, noise, seed, gated, restore):
+def perturb_chunk(buf, layout, tensors, chunk, noise, seed, support, gated, restore):
     params = layout.params
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensors.info[t, 0], tensors.info[t, 1], tensors.info[t, 2]
@@ -42,10 +44,11 @@ def perturb_chunk(buf, layout, tensors, chunk, noise, seed, gated, restore):
     deltas = np.empty(end - start, dtype=np.int64)
     count = 0
     gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
-    state, sign = seed_stream(seed, tensors.keys[t], start)
+    support_state, sign_state, sign = chunk_streams(support, seed, tensors.keys[t], start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+        support_state, sign_state, element, delta = next_delta(support_state, sign_state, element, end, gap_tail,
+                                                                guide, magnitude_tail, sign)
         if element >= end:
             break
         elements[count] = element

@@ -10,7 +10,7 @@ import numpy as np
 from ..formats import QuantFormat, format_of
 from . import native
 from .codes import layout_tables
-from .noise import CHUNK, NoiseTable, tensor_key
+from .noise import CHUNK, NoiseTable, support_seed, tensor_key
 from .perturb import perturb_codes
 from .update import Update, es_update, to_fixed
 
@@ -71,22 +71,26 @@ class CodeSpace:
                                  np.array(chunk_rows, dtype=np.int64).reshape(-1, 3))
         self.gated = np.zeros((self.n_codes + 7) // 8, dtype=np.uint8)
 
-    def perturb(self, seed: int) -> int:
-        """Add the perturbation of ``seed`` (gated at the code range); returns codes changed."""
-        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed), self.gated,
-                                       False))
+    def perturb(self, seed: int, support: int) -> int:
+        """Add the perturbation of ``seed`` on the support of ``support`` (gated at the code range).
 
-    def restore(self, seed: int) -> int:
-        """Undo :meth:`perturb` of the same seed, giving back the exact original bytes."""
-        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed), self.gated,
-                                       True))
+        ``support``: the iteration's :func:`~qes_edge.kernels.noise.support_seed`.  Returns codes changed.
+        """
+        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed),
+                                       np.int64(support), self.gated, False))
+
+    def restore(self, seed: int, support: int) -> int:
+        """Undo :meth:`perturb` of the same seed and support, giving back the exact original bytes."""
+        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed),
+                                       np.int64(support), self.gated, True))
 
     def update(self, seeds: np.ndarray, weights: np.ndarray, gamma: float, feedback: bool,
                residual: np.ndarray | None) -> tuple[int, int]:
         """One ES update (see :mod:`qes_edge.kernels.update`); returns (codes stepped, steps blocked).
 
         ``seeds``/``weights``: int64 [rows, pairs]; the last row is this
-        iteration, earlier rows are replayed to rebuild the residual.
+        iteration, earlier rows are replayed to rebuild the residual; each row's
+        support seed is :func:`~qes_edge.kernels.noise.support_seed` of its seeds.
         ``residual``: the stored residual (int16 per code) or None to start from zero.
         """
         seeds = np.ascontiguousarray(seeds, dtype=np.int64).reshape(-1, np.shape(seeds)[-1])
@@ -98,7 +102,8 @@ class CodeSpace:
             residual = np.zeros(1, dtype=np.int16)
         elif residual.shape != (self.n_codes,):
             raise ValueError(f"residual has {residual.shape} codes, the model has {self.n_codes}")
-        update = Update(seeds, weights, np.int64(to_fixed(gamma)), bool(feedback), stored)
+        supports = np.array([support_seed(row) for row in seeds], dtype=np.int64)
+        update = Update(seeds, supports, weights, np.int64(to_fixed(gamma)), bool(feedback), stored)
         stepped, blocked = self._es_update(self.buf, self.layout, self.table, self.noise, update, residual)
         return int(stepped), int(blocked)
 

@@ -17,6 +17,11 @@ window covers the run.
 ``seeds[h]``/``weights[h]`` are the rows of the iterations to replay, oldest
 first; only the last row moves codes.  The sidecar store passes one row and
 its stored residual; the replay store passes its window and starts from zero.
+
+Only codes in an iteration's support have g != 0.  With gamma = 1 a code
+outside it keeps its residual and cannot step (|e| < 1/2), so the update
+reads and writes the residual of the support's codes alone; with gamma < 1
+every stored residual decays, so every code is walked.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import next_nonzero, seed_stream
+from .noise import chunk_streams, next_delta
 
 FRACTION_BITS = 15
 ONE = 1 << FRACTION_BITS
@@ -47,6 +52,7 @@ class Update(NamedTuple):
     """One update's inputs: the rows to replay and how the residual carries between them."""
 
     seeds: np.ndarray  # int64 [rows, pairs], oldest first; the last row is this iteration
+    supports: np.ndarray  # int64 [rows]: each row's support seed
     weights: np.ndarray  # int64 [rows, pairs], fixed point
     gamma_fx: np.int64  # the residual's decay, fixed point
     feedback: bool  # False: plain rounding, no residual
@@ -67,15 +73,16 @@ def es_update(buf, layout, tensors, noise, update, residual):
 
 
 @njit(inline="always")
-def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, magnitude_tail):
+def add_stream(gradient, slot, key, start, end, seed, support, weight, gap_tail, guide, magnitude_tail):
     """gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk.
 
     ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
     """
-    state, sign = seed_stream(seed, key, start)
+    support_state, sign_state, sign = chunk_streams(support, seed, key, start)
     element = start
     while True:
-        state, element, delta = next_nonzero(state, element, end, gap_tail, guide, magnitude_tail, sign)
+        support_state, sign_state, element, delta = next_delta(support_state, sign_state, element, end, gap_tail,
+                                                                guide, magnitude_tail, sign)
         if element >= end:
             break
         k = slot[element - start]
@@ -85,13 +92,13 @@ def add_stream(gradient, slot, key, start, end, seed, weight, gap_tail, guide, m
 
 
 @njit(cache=True)
-def row_gradient(gradient, slot, key, start, end, seeds_row, weights_row, noise):
+def row_gradient(gradient, slot, key, start, end, support, seeds_row, weights_row, noise):
     """One iteration's g = sum_p w_p * delta_p, gathered through ``slot``."""
     gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
     gradient[:] = 0
     for p in range(seeds_row.shape[0]):
         if weights_row[p] != 0:
-            add_stream(gradient, slot, key, start, end, seeds_row[p], weights_row[p], gap_tail, guide,
+            add_stream(gradient, slot, key, start, end, seeds_row[p], support, weights_row[p], gap_tail, guide,
                        magnitude_tail)
 
 
@@ -111,31 +118,34 @@ def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
     n = end - start
     key = tensors.keys[t]
-    seeds, weights, gamma_fx, feedback = update.seeds, update.weights, update.gamma_fx, update.feedback
+    seeds, weights, supports = update.seeds, update.weights, update.supports
+    gamma_fx, feedback, stored = update.gamma_fx, update.feedback, update.stored_residual
     last = seeds.shape[0] - 1
     identity = np.arange(n)
     gradient = np.empty(n, dtype=np.int64)
-    row_gradient(gradient, identity, key, start, end, seeds[last], weights[last], noise)
+    row_gradient(gradient, identity, key, start, end, supports[last], seeds[last], weights[last], noise)
     error = np.zeros(n, dtype=np.int64)
-    if update.stored_residual:
-        # The sidecar keeps every code's residual, so every code decays and is stored.
+    if stored and gamma_fx != ONE:
+        # Every stored residual decays, so every code is read and written.
         codes = identity
-        for i in range(n):
-            error[i] = residual[code_base + start + i]
     else:
-        # With gamma <= 1 and |e| <= 1/2, a code without gradient now cannot step, so replay
-        # rebuilds the residual only where this iteration's gradient is non-zero.
+        # A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+        # starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step).
         codes = np.flatnonzero(gradient)
-        if feedback and last > 0:
-            slot = np.full(n, -1, dtype=np.int64)
-            slot[codes] = np.arange(codes.size)
-            past = np.empty(codes.size, dtype=np.int64)
-            past_error = np.zeros(codes.size, dtype=np.int64)
-            for h in range(last):
-                row_gradient(past, slot, key, start, end, seeds[h], weights[h], noise)
-                for k in range(codes.size):
-                    _, past_error[k] = feedback_step(past[k], past_error[k], gamma_fx)
-            error[codes] = past_error
+    if stored:
+        for i in codes:
+            error[i] = residual[code_base + start + i]
+    elif feedback and last > 0:
+        # Replay rebuilds the residual only where this iteration's gradient is non-zero.
+        slot = np.full(n, -1, dtype=np.int64)
+        slot[codes] = np.arange(codes.size)
+        past = np.empty(codes.size, dtype=np.int64)
+        past_error = np.zeros(codes.size, dtype=np.int64)
+        for h in range(last):
+            row_gradient(past, slot, key, start, end, supports[h], seeds[h], weights[h], noise)
+            for k in range(codes.size):
+                _, past_error[k] = feedback_step(past[k], past_error[k], gamma_fx)
+        error[codes] = past_error
     for i in codes:
         if feedback:
             step, error[i] = feedback_step(gradient[i], error[i], gamma_fx)
@@ -149,6 +159,6 @@ def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
                 counts[0] += 1
             else:
                 counts[1] += 1
-    if update.stored_residual:
-        for i in range(n):
+    if stored:
+        for i in codes:
             residual[code_base + start + i] = error[i]

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from qes_edge.errors import QesError
-from qes_edge.tasks import arithmetic, countdown
+from qes_edge.tasks import arithmetic, countdown, successor
 from qes_edge.tasks.item import Item
 from qes_edge.tasks.jsonl import load_jsonl_task
 from qes_edge.tasks.rewards import Exact, Reward, RewardFunctionError, parse_reward, reward_names
 from qes_edge.tasks.stats import accuracy_with_stderr, mean_with_stderr
 from qes_edge.tasks.task import Task
 
-BUILTIN_TASKS = {"arithmetic": arithmetic.make_task, "countdown": countdown.make_task}
+BUILTIN_TASKS = {"arithmetic": arithmetic.make_task, "countdown": countdown.make_task, "successor": successor.make_task}
 
 __all__ = [
     "BUILTIN_TASKS", "Item", "Reward", "RewardFunctionError", "Task",
