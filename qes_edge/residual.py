@@ -15,6 +15,7 @@ Each store's ``update(space, history, gamma)`` takes the whole history of
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -40,9 +41,6 @@ class NoResidual:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
 
 class ReplayResidual:
     """Rebuild the residual from the last ``window`` iterations' seeds and weights."""
@@ -59,12 +57,14 @@ class ReplayResidual:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
 
 class SidecarResidual:
-    """The residual as a memory-mapped int16 file beside the run (not in RAM)."""
+    """The residual as an int16 file beside the run, memory-mapped only while an update runs.
+
+    Between updates nothing of it is mapped, so its 2 bytes per code count in
+    the page cache (which the kernel may drop or write back), not in the
+    training process's memory.
+    """
 
     def __init__(self, path: Path, header_sha256: str, n_codes: int):
         """``header_sha256``: the base model's (:attr:`qes_edge.gguf_file.ModelFile.header_sha256`)."""
@@ -74,7 +74,10 @@ class SidecarResidual:
         if not self.path.exists():
             self._create()
         self._check_header()
-        self.values = np.memmap(self.path, dtype=np.int16, mode="r+", offset=HEADER_BYTES, shape=(n_codes,))
+
+    def mapped(self) -> np.memmap:
+        """The stored residual, one int16 per code, mapped read-write until the array is dropped."""
+        return np.memmap(self.path, dtype=np.int16, mode="r+", offset=HEADER_BYTES, shape=(self.n_codes,))
 
     def _create(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -121,15 +124,12 @@ class SidecarResidual:
         if held is None or held != len(history) - 1:
             raise QesError(f"{self.path}: residual holds {held} updates, expected {len(history) - 1}")
         self._mark(held, busy=True)
-        result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.values)
+        result = space.update(seeds[None], weights[None], gamma, feedback=True, residual=self.mapped())
         crash_point("residual")  # the residual is half written: its header still says busy
         self._mark(held + 1, busy=False)
         return result
 
     def flush(self) -> None:
         """Put the residual on disk (the working copy does, when it closes or cannot tell a reboot)."""
-        self.values.flush()
-
-    def close(self) -> None:
-        """Unmap the residual; its writes stay in the page cache (:meth:`flush` puts them on disk)."""
-        del self.values
+        with open(self.path, "r+b") as f:
+            os.fsync(f.fileno())

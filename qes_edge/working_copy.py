@@ -111,7 +111,6 @@ class WorkingCopy:
     def close(self) -> None:
         """Sync and unmap the copy: it stays clean for a later session."""
         self.sync()
-        self.store.close()
         self.buf = self.space = self.store = None
         self.files.unsynced.unlink(missing_ok=True)
 
@@ -159,8 +158,7 @@ def export(run: Run, out: Path) -> Path:
         pass
     with tempfile.TemporaryDirectory(prefix="qes-edge-export-", dir=scratch_dir(run)) as tmp:
         live = Path(tmp) / "live.gguf"
-        buf, _, store = replay(run, model, live, Path(tmp) / "residual.bin")
-        store.close()
+        buf, _, _ = replay(run, model, live, Path(tmp) / "residual.bin")
         del buf
         export_model(live, out, run.provenance(), protect=[run.source])
     return Path(out)

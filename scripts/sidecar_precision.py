@@ -64,8 +64,7 @@ def replay(run: Run, model, live: Path, byte_residual: bool) -> tuple[int, float
     for t in range(len(run.history)):
         stepped += store.update(space, run.history[:t + 1], run.settings.decay)[0]
         if byte_residual:
-            stochastic_round_to_byte(store.values, t)
-    store.close()
+            stochastic_round_to_byte(store.mapped(), t)
     buf.flush()
     del buf
     return stepped, time.perf_counter() - start

@@ -178,8 +178,7 @@ def test_update_equals_dense_reference(store, gamma, tmp_path):
         for got, want in zip(codes_of(space), expected):
             assert np.array_equal(got, want)
         if store == "sidecar":
-            assert np.array_equal(np.asarray(residual.values), np.concatenate(errors))
-    residual.close()
+            assert np.array_equal(residual.mapped(), np.concatenate(errors))
 
 
 def test_replay_and_sidecar_agree_when_the_window_covers_the_run(tmp_path):
@@ -216,7 +215,7 @@ def test_error_feedback_moves_codes_that_plain_rounding_cannot(tmp_path):
 
 def test_sidecar_refuses_another_model_and_a_truncated_file(tmp_path):
     path = tmp_path / "r.bin"
-    SidecarResidual(path, "11" * 32, 1024).close()
+    SidecarResidual(path, "11" * 32, 1024)
     with pytest.raises(QesError, match="different base model"):
         SidecarResidual(path, "22" * 32, 1024)
     with pytest.raises(QesError, match="different base model"):
