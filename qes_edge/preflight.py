@@ -66,7 +66,7 @@ class Estimate:
 
 def _int(metadata: dict, key: str, default: int | None = None) -> int | None:
     value = metadata.get(key, default)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
 def estimate(model: ModelFile, settings: Settings) -> Estimate:
@@ -151,7 +151,7 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
     need = estimate(model, settings)
     disk = [("tuned GGUF", Path(out), need.output)]
     if not fleet:
-        copy = live or placement(need.working_copy, run_dir, machine) / "live.gguf"
+        copy = live if live and Path(live).is_file() else placement(need.working_copy, run_dir, machine) / "live.gguf"
         disk += [("working copy", Path(copy), need.working_copy),
                  ("residual sidecar", Path(run_dir) / "residual.bin", need.sidecar)]
     by_device: dict[int, list] = {}
