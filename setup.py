@@ -19,6 +19,9 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 LIBRARY_DIR = Path("qes_edge", "kernels", "_native")
+# Kept in step with qes_edge/kernels/native.py's BUILD_HINT (setup.py cannot import the package).
+BUILD_HINT = ("for the native kernels install a C compiler and CMake (Debian, Ubuntu, Raspberry Pi OS: "
+              "sudo apt install build-essential cmake) and reinstall qes-edge")
 
 
 def notice(message: str) -> None:
@@ -32,7 +35,7 @@ def build_native(output_dir: Path, build_dir: Path) -> bool:
         return False
     cmake = shutil.which("cmake")
     if cmake is None:
-        notice("cmake not found: native kernels not built; the Numba kernels will be used")
+        notice(f"cmake not found: native kernels not built; the Numba kernels will be used ({BUILD_HINT})")
         return False
     commands = [
         [cmake, "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
@@ -49,7 +52,7 @@ def build_native(output_dir: Path, build_dir: Path) -> bool:
             lower = text.lower()
             at = lower.find("cmake error") if "cmake error" in lower else lower.find("error")
             why = (text[at:at + 200] if at >= 0 else text[-200:]) or "cmake failed"
-            notice(f"native kernels not built ({why}); the Numba kernels will be used")
+            notice(f"native kernels not built ({why}); the Numba kernels will be used ({BUILD_HINT})")
             return False
     notice(f"native kernels built into {output_dir}")
     return True

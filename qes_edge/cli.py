@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import settings
+from . import preflight, settings
 from .errors import QesError
 from .settings import Settings
 
@@ -106,7 +106,7 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     from tqdm import tqdm
 
     from .fleet import Fleet, FleetOptions
-    from .gguf_file import default_model_path
+    from .gguf_file import default_model_path, open_model
     from .replica import LocalPopulation
     from .report import plot_run, summary_lines
     from .run import Run, RunInUse
@@ -121,15 +121,22 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         ctx = click.get_current_context()
         given = {k: v for k, v in chosen.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
         run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
+        out = out or run.run_dir / f"{run.source.stem}.qes.gguf"
+        announce(run)
+        preflight.check(run.open_model(), run.settings, run.run_dir, out, fleet=ray_address is not None,
+                        live=run.live_path)
     else:
         source = model or default_model_path()
         if not source.is_file():
             raise QesError(f"model file not found: {source}")
+        s = Settings(**chosen)
+        s.check()
         run_dir = run_dir or Path("runs") / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = Run.create(run_dir, source, Settings(**chosen))
-    out = out or run.run_dir / f"{run.source.stem}.qes.gguf"
-    click.echo(f"run {run.run_dir}  model {run.source.name}  task {run.settings.task}  "
-               f"iteration {run.iteration}/{run.settings.iterations}")
+        out = out or run_dir / f"{source.stem}.qes.gguf"
+        preflight.check(open_model(source, train_embeddings=s.train_embeddings), s, run_dir, out,
+                        fleet=ray_address is not None)
+        run = Run.create(run_dir, source, s)
+        announce(run)
 
     bar = tqdm(total=run.settings.iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
                file=sys.stderr, disable=None)
@@ -158,6 +165,11 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
             release(run)  # 100+ MB of RAM on /dev/shm; export and --resume rebuild it when needed
     for line in summary_lines(run.run_dir, result, out):
         click.echo(line)
+
+
+def announce(run) -> None:
+    click.echo(f"run {run.run_dir}  model {run.source.name}  task {run.settings.task}  "
+               f"iteration {run.iteration}/{run.settings.iterations}")
 
 
 @cli.command()
@@ -207,23 +219,28 @@ def evaluate(model, as_json, **chosen):
 
 @cli.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@setting_options("train_embeddings")
+@setting_options("train_embeddings", "batch", "residual")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(model, train_embeddings, as_json):
-    """Tensors, types, what trains and why not, and the memory a run needs."""
-    from .gguf_file import default_model_path, open_model
-    from .report import memory_estimate
+def inspect(model, as_json, **chosen):
+    """Tensors, types, what trains and why not, and what a run needs (and whether it fits here)."""
+    from dataclasses import asdict
 
+    from .gguf_file import default_model_path, open_model
+
+    s = Settings(**chosen)
+    s.check()
     model = model or default_model_path()
-    info = open_model(model, train_embeddings=train_embeddings)
-    memory = memory_estimate(info)
+    info = open_model(model, train_embeddings=s.train_embeddings)
+    need = preflight.estimate(info, s)
+    run_dir = Path("runs") / model.stem  # where `train` would put the run, give or take its time stamp
+    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{model.stem}.qes.gguf")
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "tensors": [
                 {"name": t.name, "type": t.type_name, "shape": list(t.shape), "trainable": t.trainable,
                  "reason": t.reason} for t in info.tensors],
             "trainable_tensors": len(info.trainable), "trainable_codes": info.trainable_codes,
-            "memory": memory}))
+            "memory": {**asdict(need), "ram": need.ram}, "fits_here": not problems, "short": problems}))
         return
     width = max(len(t.name) for t in info.tensors)
     for t in info.tensors:
@@ -231,5 +248,7 @@ def inspect(model, train_embeddings, as_json):
         click.echo(f"{t.name:<{width}}  {t.type_name:<6} {'x'.join(map(str, t.shape)):<14} {status}")
     click.echo(f"{len(info.trainable)} of {len(info.tensors)} tensors trainable, "
                f"{info.trainable_codes:,} codes")
-    for key, value in memory.items():
-        click.echo(f"{key}: {value / 2**20:,.1f} MiB")
+    click.echo(f"a run with --batch {s.batch} --residual {s.residual} needs (estimated, see README):")
+    for line in need.lines():
+        click.echo(f"  {line}")
+    click.echo("fits here" if not problems else "does not fit here: " + "; ".join(problems))

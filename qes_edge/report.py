@@ -1,10 +1,9 @@
-"""What a user sees after a run: the reward curve, the summary, the memory estimate."""
+"""What a user sees after a run: the reward curve and the summary."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .gguf_file import ModelFile
 from .run import RunFiles, read_metrics
 from .tasks import mean_with_stderr
 
@@ -60,12 +59,3 @@ def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
     lines.append(f"reward curve: {RunFiles(run_dir).reward_curve}")
     return lines
 
-
-def memory_estimate(model: ModelFile) -> dict:
-    """Bytes a training run needs: the mapped model, the gating bitmap, the sidecar (on disk)."""
-    codes = model.trainable_codes
-    return {
-        "model_file (memory-mapped, shared with llama.cpp)": model.file_size,
-        "gating bitmap (RAM)": (codes + 7) // 8,
-        "residual sidecar (disk, memory-mapped)": 2 * codes,
-    }

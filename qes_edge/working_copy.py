@@ -25,7 +25,6 @@ any point resumes to the bytes an uninterrupted run gives.  Clean means:
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ from .errors import QesError
 from .faults import crash_point
 from .gguf_file import ModelFile, export_model, file_sha256, make_working_copy, weights_sha256
 from .kernels import CodeSpace, TensorSlot
+from .preflight import placement
 from .residual import NoResidual, ReplayResidual, SidecarResidual
 from .run import Run, RunInUse, write_atomically
 
@@ -193,10 +193,7 @@ def _mapped(run: Run, model: ModelFile, live: Path, residual: Path) -> tuple:
 
 def scratch_dir(run: Run) -> Path:
     """Where working copies go: tmpfs when there is room (llama.cpp reads it at RAM speed), else the run dir."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and _free_bytes(shm) > 2 * run.source.stat().st_size:
-        return shm
-    return run.run_dir
+    return placement(run.source.stat().st_size, run.run_dir)
 
 
 def boot_id() -> str | None:
@@ -205,8 +202,3 @@ def boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
     except OSError:
         return None
-
-
-def _free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize

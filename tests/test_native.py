@@ -221,6 +221,7 @@ def test_a_missing_library_falls_back_with_one_notice_or_fails_when_forced(monke
         assert CodeSpace(space.buf, space.tensors, 0.1).kernels == "numba"
     notices = [r.getMessage() for r in caplog.records]
     assert len(notices) == 1 and "using the Numba kernels" in notices[0] and "\n" not in notices[0]
+    assert "sudo apt install build-essential cmake" in notices[0]  # how to get them, on a Pi too
     monkeypatch.setenv(native.ENV, "native")
     with pytest.raises(QesError, match="native kernels requested but unavailable") as error:
         CodeSpace(space.buf, space.tensors, 0.1)

@@ -32,6 +32,8 @@ ABI_VERSION = 3
 LIBRARY_DIR = Path(__file__).with_name("_native")
 LIBRARY_NAME = {"win32": "qes_kernels.dll", "darwin": "libqes_kernels.dylib"}.get(sys.platform, "libqes_kernels.so")
 ENV = "QES_EDGE_KERNELS"
+BUILD_HINT = ("for the native kernels install a C compiler and CMake (Debian, Ubuntu, Raspberry Pi OS: "
+              "sudo apt install build-essential cmake) and reinstall qes-edge")
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def select(requested: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _notice_fallback(reason: str) -> None:
-    log.warning("qes-edge: native kernels unavailable (%s); using the Numba kernels", reason)
+    log.warning("qes-edge: native kernels unavailable (%s); using the Numba kernels (%s)", reason, BUILD_HINT)
 
 
 def default_threads() -> int:
