@@ -4,8 +4,8 @@ A run needs disk for its working copy (on /dev/shm when there is room, else in
 the run directory: :func:`placement`), for the residual sidecar (2 bytes per
 trainable code and a header, in the run directory) and for the tuned GGUF; and
 RAM (MemAvailable) for the working copy (tmpfs is RAM, and llama.cpp maps it
-either way), the sidecar (every update touches all of it), llama.cpp's context
-and the process itself.  The context follows from the model's metadata and the
+either way), the sidecar (mapped while an update runs, its pages then in the
+page cache), llama.cpp's context and the process itself.  The context follows from the model's metadata and the
 batch, as :class:`qes_edge.evaluator.Evaluator` asks llama.cpp for it: one
 512-token KV stream per prompt (f16 keys and values, exact), and buffers for
 512-token batches (the batch's logits dominate; estimated).  The process's own

@@ -36,20 +36,25 @@ sys.path.insert(0, str(ROOT / "tests"))  # blocks.py: valid random blocks of eve
 
 from blocks import ALL, make_space  # noqa: E402
 
-from qes_edge.kernels import CodeSpace, native, to_fixed  # noqa: E402
+from qes_edge.kernels import CodeSpace, native, support_seed, to_fixed  # noqa: E402
 from qes_edge.kernels.noise import CHUNK, GUIDE_BITS  # noqa: E402
 from qes_edge.kernels.update import FRACTION_BITS  # noqa: E402
 
 SIGMAS = [0.005, 0.3, 1.5]  # the default; one where many codes move; one where gating at the edges is common
 PERTURB_SEEDS = [3, -3, 0, 2**63 - 1, -(2**63)]  # 0 and -2**63: the edges of |seed|
+SUPPORTS = [11, 2**63 - 1, -(2**63), 5, 11]  # the support seed each perturbation uses (any int64 is valid)
 ROWS, PAIRS, THREADS = 6, 4, 2
 PERTURB, UPDATE, RESET = 0, 1, 2
 
 
 def operations() -> list[tuple]:
-    """(kind, a, b, feedback, stored, gamma): what the driver does, in order (see native/check_driver.c)."""
-    ops = [(PERTURB, s, 0, 0, 0, 0.0) for s in PERTURB_SEEDS]
-    ops += [(PERTURB, s, 1, 0, 0, 0.0) for s in reversed(PERTURB_SEEDS)]
+    """(kind, a, b, c, stored, gamma): what the driver does, in order (see native/check_driver.c).
+
+    A perturbation is (PERTURB, seed, restore, support, 0, 0); an update (UPDATE, first row, end row,
+    feedback, stored, gamma).
+    """
+    ops = [(PERTURB, s, 0, u, 0, 0.0) for s, u in zip(PERTURB_SEEDS, SUPPORTS)]
+    ops += [(PERTURB, s, 1, u, 0, 0.0) for s, u in reversed(list(zip(PERTURB_SEEDS, SUPPORTS)))]
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, t, t + 1, 1, 1, 0.9) for t in range(4)]  # sidecar
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, max(0, t - 2), t + 1, 1, 0, 0.9) for t in range(4)]  # replay, K=2
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, t, t + 1, 0, 0, 0.5) for t in range(2)]  # no error feedback
@@ -98,6 +103,7 @@ def case_file(space: CodeSpace, residual: np.ndarray, seeds, weights, ops) -> by
         "gap_tail": noise.gap_tail, "guide": noise.guide, "magnitude_tail": noise.magnitude_tail,
         "buf": space.buf, "gated": space.gated, "residual": residual,
         "seeds": seeds, "weights": weights, "pairs": np.array([PAIRS], np.int64),
+        "supports": np.array([support_seed(row) for row in seeds], np.int64),
         "ops": np.array([(k, a, b, f, s, to_fixed(g)) for k, a, b, f, s, g in ops], np.int64),
         "threads": np.array([THREADS], np.int64),
     }
@@ -108,13 +114,13 @@ def library_output(space: CodeSpace, residual: np.ndarray, seeds, weights, ops) 
     """What the driver must write: the same operations through the library's CodeSpace (modifies space)."""
     start_buf, start_residual = space.buf.copy(), residual.copy()
     out, totals = [], {"changed": 0, "stepped": 0, "blocked": 0}
-    for kind, a, b, feedback, stored, gamma in ops:
+    for kind, a, b, c, stored, gamma in ops:
         result = (0, 0)
         if kind == PERTURB:
-            result = ((space.restore if b else space.perturb)(a), 0)
+            result = ((space.restore if b else space.perturb)(a, c), 0)
             totals["changed"] += result[0]
         elif kind == UPDATE:
-            result = space.update(seeds[a:b], weights[a:b], gamma, bool(feedback), residual if stored else None)
+            result = space.update(seeds[a:b], weights[a:b], gamma, bool(c), residual if stored else None)
             totals["stepped"] += result[0]
             totals["blocked"] += result[1]
         else:
