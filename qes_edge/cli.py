@@ -108,9 +108,9 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     from .fleet import Fleet, FleetOptions
     from .gguf_file import default_model_path
     from .replica import LocalPopulation
-    from .report import plot_run, summary_lines
+    from .report import plot_run, sample_lines, summary_lines
     from .run import Run, RunInUse
-    from .trainer import train as train_run
+    from .trainer import NoSignal, train as train_run
     from .working_copy import export, release
 
     if ray_address is None and workers is not None:
@@ -151,6 +151,11 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         population = LocalPopulation(run) if ray_address is None else Fleet(run, FleetOptions(ray_address, workers))
         result = train_run(run, population, on_progress, on_heldout)
         export(run, out)
+    except NoSignal as e:
+        bar.close()
+        for line in sample_lines(e.samples):
+            click.echo(line)
+        raise
     finally:
         bar.close()
         plot_run(run.run_dir)
@@ -182,27 +187,34 @@ def export(run_dir, out, ollama):
 
 @cli.command(name="eval")
 @click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@setting_options("task", "reward", "heldout", "max_tokens", "seed", "threads")
+@setting_options("task", "prompt_format", "reward", "heldout", "max_tokens", "seed", "threads")
+@click.option("--show", default=0, type=click.IntRange(min=0), metavar="N",
+              help="Also print N held-out items: prompt, completion, reward, correct.")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate(model, as_json, **chosen):
+def evaluate(model, show, as_json, **chosen):
     """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
     from .evaluator import Evaluator
     from .gguf_file import default_model_path, open_model
+    from .report import sample_lines
     from .scorer import Scorer
     from .tasks import load_task
+    from .tasks.prompt_format import PromptFormat
 
     s = Settings(**chosen)
     s.check()
     model = model or default_model_path()
-    open_model(model)  # a clear error for a file that is not a GGUF
+    info = open_model(model)  # a clear error for a file that is not a GGUF
+    prompts = PromptFormat.choose(s.prompt_format, model.name, info.has_chat_template)
     task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
     with Evaluator(model, n_seq_max=16, n_threads=s.threads) as evaluator:
-        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens).heldout()
+        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens, prompts).heldout(samples=show)
     if as_json:
         click.echo(json.dumps(result))
-    else:
-        click.echo(f"{model.name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
-                   f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
+        return
+    click.echo(f"{model.name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
+               f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
+    for line in sample_lines(result["samples"]):
+        click.echo(line)
 
 
 @cli.command()

@@ -35,6 +35,7 @@ from .gguf_file import ModelFile, atomic_output, file_sha256, open_model
 from .kernels import SCHEME
 from .settings import Settings
 from .tasks import Task, load_task
+from .tasks.prompt_format import PromptFormat
 
 STATE_VERSION = 1
 
@@ -161,8 +162,10 @@ class Run:
         with open(self.files.metrics, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def has_heldout(self, iteration: int) -> bool:
-        return any(m["iteration"] == iteration and "heldout" in m for m in read_metrics(self.run_dir))
+    def heldout(self, iteration: int) -> dict | None:
+        """The held-out result recorded at ``iteration``, if there is one."""
+        return next((m["heldout"] for m in read_metrics(self.run_dir) if m["iteration"] == iteration
+                     and "heldout" in m), None)
 
     # -- what the run trains and on what --
 
@@ -178,6 +181,10 @@ class Run:
     def load_task(self) -> Task:
         s = self.settings
         return load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+
+    def prompt_format(self, model: ModelFile) -> PromptFormat:
+        """How the task's items reach the source model (``model``): chat turns or plain text."""
+        return PromptFormat.choose(self.settings.prompt_format, self.source.name, model.has_chat_template)
 
     def provenance(self) -> dict:
         """The tuned GGUF's qes.* records: where it came from and the settings that made it."""

@@ -54,6 +54,7 @@ from qes_edge.evaluator import Evaluator
 from qes_edge.gguf_file import default_model_path, make_working_copy, open_model, weights_sha256
 from qes_edge.settings import Settings
 from qes_edge.tasks import load_task, mean_with_stderr
+from qes_edge.tasks.prompt_format import PromptFormat
 from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards
 from qes_edge.replica import LocalPopulation
 from qes_edge.run import Run, read_metrics
@@ -101,6 +102,7 @@ class DenseES:
     def __init__(self, source: Path, settings: Settings, work: Path):
         self.settings = settings
         quantized = open_model(source)
+        self.prompts = PromptFormat.choose(settings.prompt_format, source.name, quantized.has_chat_template)
         f16_path = work / "f16.gguf"
         if not f16_path.exists():
             convert_matrices(source, f16_path, "F16")
@@ -137,7 +139,7 @@ class DenseES:
         step = s.alpha / (s.population * s.sigma) * self.sigma_dense
         started = time.perf_counter()
         with Evaluator(self.live, n_seq_max=s.batch, n_threads=threads) as evaluator:
-            score = Scorer(evaluator, task, s.max_tokens or task.max_tokens)
+            score = Scorer(evaluator, task, s.max_tokens or task.max_tokens, self.prompts)
             before = score.heldout()
             start_training = time.perf_counter()
             for t in range(s.iterations):

@@ -27,7 +27,7 @@ from qes_edge.gguf_file import default_model_path
 
 # Quant types the default Q4_1 model can be requantized to in numpy.
 REQUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-MODEL_FIXTURES = {"default_model", "tmp_model_copy", "default_reader", "model_of_type"}
+MODEL_FIXTURES = {"default_model", "tmp_model_copy", "default_reader", "model_of_type", "base_model"}
 
 REWARD = '''
 def score(completion, item):
@@ -83,6 +83,14 @@ def model_of_type(default_reader: GGUFReader, tmp_path_factory) -> Callable[[str
         return made[type_name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def base_model(default_reader: GGUFReader, tmp_path_factory) -> Path:
+    """base.gguf: the default model without ``tokenizer.chat_template``, as a pretrained checkpoint comes
+    (its tensors are the default model's, byte for byte).  Treat it as read-only."""
+    path = tmp_path_factory.mktemp("base") / "base.gguf"
+    return convert_matrices(default_reader, path, None, drop=("tokenizer.chat_template",))
 
 
 @pytest.fixture
