@@ -44,6 +44,20 @@ def main() -> None:
     cli(prog_name="qes-edge")
 
 
+def model_file(model: str | None):
+    """MODEL as given (a GGUF path, ollama:NAME[:TAG], or none: the default model): (its file, the
+    OllamaModel it is the blob of, or None)."""
+    from .gguf_file import default_model_path
+    from .ollama import is_reference, resolve
+
+    if model is None:
+        return default_model_path(), None
+    if is_reference(model):
+        found = resolve(model)
+        return found.blob, found
+    return Path(model), None
+
+
 def setting_options(*chosen: str):
     """One click option per Settings field (or per ``chosen`` field), made from the field's metadata."""
 
@@ -87,7 +101,7 @@ def _load_config(ctx, param, value):
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with the same keys as these options.")
 @setting_options()
@@ -106,7 +120,7 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     from tqdm import tqdm
 
     from .fleet import Fleet, FleetOptions
-    from .gguf_file import default_model_path
+    from .ollama import stem as ollama_stem
     from .replica import LocalPopulation
     from .report import plot_run, sample_lines, summary_lines
     from .run import Run, RunInUse
@@ -122,13 +136,14 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         given = {k: v for k, v in chosen.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
         run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
     else:
-        source = model or default_model_path()
+        source, ollama = model_file(model)
         if not source.is_file():
             raise QesError(f"model file not found: {source}")
-        run_dir = run_dir or Path("runs") / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = Run.create(run_dir, source, Settings(**chosen))
-    out = out or run.run_dir / f"{run.source.stem}.qes.gguf"
-    click.echo(f"run {run.run_dir}  model {run.source.name}  task {run.settings.task}  "
+        stem = ollama_stem(ollama.reference) if ollama else source.stem
+        run_dir = run_dir or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run = Run.create(run_dir, source, Settings(**chosen), ollama)
+    out = out or run.run_dir / f"{run.stem}.qes.gguf"
+    click.echo(f"run {run.run_dir}  model {run.base_file}  task {run.settings.task}  "
                f"iteration {run.iteration}/{run.settings.iterations}")
 
     bar = tqdm(total=run.settings.iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
@@ -168,8 +183,12 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ollama", is_flag=True, help="Also write a Modelfile beside the GGUF.")
-def export(run_dir, out, ollama):
+@click.option("--ollama", is_flag=True,
+              help="Also write a Modelfile beside the GGUF (the source's template, system prompt and parameters "
+                   "for a model from Ollama) and run `ollama create` (or print it when ollama is not installed).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fine-tune as a recipe: `qes-edge apply` rebuilds the GGUF from it and the base.")
+def export(run_dir, out, ollama, recipe):
     """Write the model of a run (finished or not) to a GGUF."""
     from .run import Run
     from .working_copy import export as export_run
@@ -177,16 +196,44 @@ def export(run_dir, out, ollama):
     run = Run.load(run_dir)
     export_run(run, out)
     click.echo(f"wrote {out} (iteration {run.iteration} of {run.settings.iterations})")
-    if ollama:
-        from .ollama import write_modelfile
+    if recipe:
+        from .recipe import write_recipe
 
-        modelfile = write_modelfile(out)
+        size = write_recipe(run, out, recipe)
+        click.echo(f"wrote {recipe}: {size:,} bytes (the GGUF: {out.stat().st_size:,})")
+    if ollama:
+        import shlex
+        import shutil
+        import subprocess
+
+        from .ollama import create_command, write_modelfile
+
+        modelfile = write_modelfile(out, run.ollama)
         click.echo(f"wrote {modelfile}")
-        click.echo(f"ollama create {out.stem.replace('.', '-')} -f {modelfile}")
+        command = create_command(out, modelfile)
+        if shutil.which("ollama") is None:
+            click.echo(f"ollama is not on PATH; to add the model to Ollama: {shlex.join(command)}")
+        elif subprocess.run(command).returncode != 0:
+            raise QesError(f"`{shlex.join(command)}` failed; the GGUF and the Modelfile are written")
+        else:
+            click.echo(f"created the Ollama model {command[2]}")
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("base", metavar="BASE")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def apply(recipe, base, out):
+    """Rebuild a tuned GGUF, bit for bit, from a RECIPE (export --recipe) and its BASE model (a GGUF or ollama:NAME)."""
+    from .recipe import apply_recipe
+
+    source, _ = model_file(base)
+    run = apply_recipe(recipe, source, out)
+    click.echo(f"wrote {out}: {run.base_file} + {run.iteration} iterations, sha256 as the recipe records")
 
 
 @cli.command(name="eval")
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", required=False, metavar="[MODEL]")
 @setting_options("task", "prompt_format", "reward", "heldout", "max_tokens", "seed", "threads")
 @click.option("--show", default=0, type=click.IntRange(min=0), metavar="N",
               help="Also print N held-out items: prompt, completion, reward, correct.")
@@ -194,7 +241,7 @@ def export(run_dir, out, ollama):
 def evaluate(model, show, as_json, **chosen):
     """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
     from .evaluator import Evaluator
-    from .gguf_file import default_model_path, open_model
+    from .gguf_file import open_model
     from .report import sample_lines
     from .scorer import Scorer
     from .tasks import load_task
@@ -202,31 +249,32 @@ def evaluate(model, show, as_json, **chosen):
 
     s = Settings(**chosen)
     s.check()
-    model = model or default_model_path()
-    info = open_model(model)  # a clear error for a file that is not a GGUF
-    prompts = PromptFormat.choose(s.prompt_format, model.name, info.has_chat_template)
+    path, ollama = model_file(model)
+    name = ollama.reference if ollama else path.name
+    info = open_model(path)  # a clear error for a file that is not a GGUF
+    prompts = PromptFormat.choose(s.prompt_format, name, info.has_chat_template)
     task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-    with Evaluator(model, n_seq_max=16, n_threads=s.threads) as evaluator:
+    with Evaluator(path, n_seq_max=16, n_threads=s.threads) as evaluator:
         result = Scorer(evaluator, task, s.max_tokens or task.max_tokens, prompts).heldout(samples=show)
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{model.name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
+    click.echo(f"{name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
                f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
     for line in sample_lines(result["samples"]):
         click.echo(line)
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", required=False, metavar="[MODEL]")
 @setting_options("train_embeddings")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model, train_embeddings, as_json):
     """Tensors, types, what trains and why not, and the memory a run needs."""
-    from .gguf_file import default_model_path, open_model
+    from .gguf_file import open_model
     from .report import memory_estimate
 
-    model = model or default_model_path()
+    model, _ = model_file(model)
     info = open_model(model, train_embeddings=train_embeddings)
     memory = memory_estimate(info)
     if as_json:
