@@ -1,6 +1,6 @@
 """Ollama in and out: ollama:NAME[:TAG] from a store laid out as Ollama's, and the Modelfile of a tuned model.
 
-The stores are made on disk by the tests (conftest: blobs named by digest, manifests listing them);
+The stores are made on disk by the tests (tests/ollama_store.py: blobs named by digest, manifests listing them);
 OLLAMA_MODELS points at them, so a real ~/.ollama is never read or written.
 """
 
@@ -11,26 +11,14 @@ import stat
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from cli_run import invoke, one_line_error
 from ollama_store import (OLLAMA_PARAMS, OLLAMA_SYSTEM, OLLAMA_TEMPLATE, ollama_layer, ollama_manifest,
-                      ollama_model_layers)
-from qes_edge.cli import cli
+                          ollama_model_layers)
 from qes_edge.errors import QesError
 from qes_edge.ollama import modelfile_lines, resolve
 
 FAKE_GGUF = b"GGUF not really a model"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def snapshot(root: Path) -> dict:

@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from qes_edge.cli import cli
+from cli_run import invoke
 from qes_edge.errors import QesError
 from qes_edge.tasks import Item, Task, load_task
 from qes_edge.tasks.prompt_format import NEXT_QUESTION, PromptFormat, transcript
@@ -70,11 +69,7 @@ def test_builtin_tasks_have_a_few_shot_plain_form(name):
 
 # ---- on the real model ------------------------------------------------------------------------------
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
-
-
-def test_a_base_model_is_scored_on_the_few_shot_form(base_model, default_model):
+def test_a_base_model_is_scored_on_the_few_shot_form(base_model):
     result = invoke("eval", base_model, "--heldout", "8", "--threads", "2", "--show", "3", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

@@ -6,27 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from qes_edge.cli import cli
+from cli_run import invoke, one_line_error
 from qes_edge.errors import QesError
 from qes_edge.kernels import SCHEME
 from qes_edge.recipe import FORMAT, read_recipe
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def test_apply_rebuilds_the_tuned_gguf_bit_for_bit(workspace, default_model, base_model, tmp_model_copy, tiny,

@@ -3,16 +3,11 @@ eval --show, the samples in metrics.jsonl and the summary's before/after rows.""
 
 import json
 
-from click.testing import CliRunner
 
-from qes_edge.cli import cli
+from cli_run import invoke
 from qes_edge.run import read_metrics
 
 SMALL = ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "4", "--threads", "2"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [*map(str, args)])
 
 
 def capitals(tmp_path):
