@@ -44,6 +44,20 @@ def main() -> None:
     cli(prog_name="qes-edge")
 
 
+def model_file(model: str | None):
+    """MODEL as given (a GGUF path, ollama:NAME[:TAG], or none: the default model): (its file, the
+    OllamaModel it is the blob of, or None)."""
+    from .gguf_file import default_model_path
+    from .ollama import is_reference, resolve
+
+    if model is None:
+        return default_model_path(), None
+    if is_reference(model):
+        found = resolve(model)
+        return found.blob, found
+    return Path(model), None
+
+
 def setting_options(*chosen: str):
     """One click option per Settings field (or per ``chosen`` field), made from the field's metadata."""
 
@@ -87,7 +101,7 @@ def _load_config(ctx, param, value):
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with the same keys as these options.")
 @setting_options()
@@ -106,11 +120,12 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     from tqdm import tqdm
 
     from .fleet import Fleet, FleetOptions
-    from .gguf_file import default_model_path, open_model
+    from .gguf_file import open_model
+    from .ollama import stem as ollama_stem
     from .replica import LocalPopulation
-    from .report import plot_run, summary_lines
+    from .report import plot_run, sample_lines, summary_lines
     from .run import Run, RunInUse
-    from .trainer import train as train_run
+    from .trainer import NoSignal, train as train_run
     from .working_copy import export, release
 
     if ray_address is None and workers is not None:
@@ -121,21 +136,22 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         ctx = click.get_current_context()
         given = {k: v for k, v in chosen.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
         run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
-        out = out or run.run_dir / f"{run.source.stem}.qes.gguf"
+        out = out or run.run_dir / f"{run.stem}.qes.gguf"
         announce(run)
         preflight.check(run.open_model(), run.settings, run.run_dir, out, fleet=ray_address is not None,
                         live=run.live_path)
     else:
-        source = model or default_model_path()
+        source, ollama = model_file(model)
         if not source.is_file():
             raise QesError(f"model file not found: {source}")
         s = Settings(**chosen)
         s.check()
-        run_dir = run_dir or Path("runs") / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = out or run_dir / f"{source.stem}.qes.gguf"
+        stem = ollama_stem(ollama.reference) if ollama else source.stem
+        run_dir = run_dir or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = out or run_dir / f"{stem}.qes.gguf"
         preflight.check(open_model(source, train_embeddings=s.train_embeddings), s, run_dir, out,
                         fleet=ray_address is not None)
-        run = Run.create(run_dir, source, s)
+        run = Run.create(run_dir, source, s, ollama)
         announce(run)
 
     bar = tqdm(total=run.settings.iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
@@ -158,6 +174,11 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         population = LocalPopulation(run) if ray_address is None else Fleet(run, FleetOptions(ray_address, workers))
         result = train_run(run, population, on_progress, on_heldout)
         export(run, out)
+    except NoSignal as e:
+        bar.close()
+        for line in sample_lines(e.samples):
+            click.echo(line)
+        raise
     finally:
         bar.close()
         plot_run(run.run_dir)
@@ -168,15 +189,19 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
 
 
 def announce(run) -> None:
-    click.echo(f"run {run.run_dir}  model {run.source.name}  task {run.settings.task}  "
+    click.echo(f"run {run.run_dir}  model {run.base_file}  task {run.settings.task}  "
                f"iteration {run.iteration}/{run.settings.iterations}")
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--ollama", is_flag=True, help="Also write a Modelfile beside the GGUF.")
-def export(run_dir, out, ollama):
+@click.option("--ollama", is_flag=True,
+              help="Also write a Modelfile beside the GGUF (the source's template, system prompt and parameters "
+                   "for a model from Ollama) and run `ollama create` (or print it when ollama is not installed).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the fine-tune as a recipe: `qes-edge apply` rebuilds the GGUF from it and the base.")
+def export(run_dir, out, ollama, recipe):
     """Write the model of a run (finished or not) to a GGUF."""
     from .run import Run
     from .working_copy import export as export_run
@@ -184,56 +209,94 @@ def export(run_dir, out, ollama):
     run = Run.load(run_dir)
     export_run(run, out)
     click.echo(f"wrote {out} (iteration {run.iteration} of {run.settings.iterations})")
+    if recipe:
+        from .recipe import write_recipe
+
+        size = write_recipe(run, out, recipe)
+        click.echo(f"wrote {recipe}: {size:,} bytes (the GGUF: {out.stat().st_size:,})")
     if ollama:
-        from .ollama import write_modelfile
+        import shlex
+        import shutil
+        import subprocess
 
-        modelfile = write_modelfile(out)
+        from .ollama import create_command, write_modelfile
+
+        modelfile = write_modelfile(out, run.ollama)
         click.echo(f"wrote {modelfile}")
-        click.echo(f"ollama create {out.stem.replace('.', '-')} -f {modelfile}")
-
-
-@cli.command(name="eval")
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@setting_options("task", "reward", "heldout", "max_tokens", "seed", "threads")
-@click.option("--json", "as_json", is_flag=True)
-def evaluate(model, as_json, **chosen):
-    """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
-    from .evaluator import Evaluator
-    from .gguf_file import default_model_path, open_model
-    from .scorer import Scorer
-    from .tasks import load_task
-
-    s = Settings(**chosen)
-    s.check()
-    model = model or default_model_path()
-    open_model(model)  # a clear error for a file that is not a GGUF
-    task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-    with Evaluator(model, n_seq_max=16, n_threads=s.threads) as evaluator:
-        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens).heldout()
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        click.echo(f"{model.name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
-                   f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
+        command = create_command(out, modelfile)
+        if shutil.which("ollama") is None:
+            click.echo(f"ollama is not on PATH; to add the model to Ollama: {shlex.join(command)}")
+        elif subprocess.run(command).returncode != 0:
+            raise QesError(f"`{shlex.join(command)}` failed; the GGUF and the Modelfile are written")
+        else:
+            click.echo(f"created the Ollama model {command[2]}")
 
 
 @cli.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("base", metavar="BASE")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def apply(recipe, base, out):
+    """Rebuild a tuned GGUF, bit for bit, from a RECIPE (export --recipe) and its BASE model (a GGUF or ollama:NAME)."""
+    from .recipe import apply_recipe
+
+    source, _ = model_file(base)
+    run = apply_recipe(recipe, source, out)
+    click.echo(f"wrote {out}: {run.base_file} + {run.iteration} iterations, sha256 as the recipe records")
+
+
+@cli.command(name="eval")
+@click.argument("model", required=False, metavar="[MODEL]")
+@setting_options("task", "prompt_format", "reward", "heldout", "max_tokens", "seed", "threads")
+@click.option("--show", default=0, type=click.IntRange(min=0), metavar="N",
+              help="Also print N held-out items: prompt, completion, reward, correct.")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(model, show, as_json, **chosen):
+    """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
+    from .evaluator import Evaluator
+    from .gguf_file import open_model
+    from .report import sample_lines
+    from .scorer import Scorer
+    from .tasks import load_task
+    from .tasks.prompt_format import PromptFormat
+
+    s = Settings(**chosen)
+    s.check()
+    path, ollama = model_file(model)
+    name = ollama.reference if ollama else path.name
+    info = open_model(path)  # a clear error for a file that is not a GGUF
+    prompts = PromptFormat.choose(s.prompt_format, name, info.has_chat_template)
+    task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+    with Evaluator(path, n_seq_max=16, n_threads=s.threads) as evaluator:
+        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens, prompts).heldout(samples=show)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
+               f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
+    for line in sample_lines(result["samples"]):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("model", required=False, metavar="[MODEL]")
 @setting_options("train_embeddings", "batch", "residual")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model, as_json, **chosen):
     """Tensors, types, what trains and why not, and what a run needs (and whether it fits here)."""
     from dataclasses import asdict
 
-    from .gguf_file import default_model_path, open_model
+    from .gguf_file import open_model
+    from .ollama import stem as ollama_stem
 
     s = Settings(**chosen)
     s.check()
-    model = model or default_model_path()
+    model, ollama = model_file(model)
+    stem = ollama_stem(ollama.reference) if ollama else model.stem
     info = open_model(model, train_embeddings=s.train_embeddings)
     need = preflight.estimate(info, s)
-    run_dir = Path("runs") / model.stem  # where `train` would put the run, give or take its time stamp
-    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{model.stem}.qes.gguf")
+    run_dir = Path("runs") / stem  # where `train` would put the run, give or take its time stamp
+    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{stem}.qes.gguf")
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "tensors": [

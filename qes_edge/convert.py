@@ -19,28 +19,30 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 TARGETS = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
-def convert_matrices(reader: GGUFReader | os.PathLike | str, dest: os.PathLike | str, target: str) -> Path:
-    """Write ``dest``: the model with its 2-D Q4_1 matrices stored as ``target``."""
-    if target not in TARGETS:
+def convert_matrices(reader: GGUFReader | os.PathLike | str, dest: os.PathLike | str, target: str | None,
+                     drop: tuple[str, ...] = ()) -> Path:
+    """Write ``dest``: the model with its 2-D Q4_1 matrices stored as ``target`` (None: every tensor as it
+    is) and without the metadata keys in ``drop`` (e.g. ``tokenizer.chat_template``: a base model's file)."""
+    if target is not None and target not in TARGETS:
         raise ValueError(f"cannot convert to {target}; choose one of {TARGETS}")
     if not isinstance(reader, GGUFReader):
         reader = GGUFReader(reader, "r")
-    kind = GGMLQuantizationType[target]
+    kind = GGMLQuantizationType[target] if target is not None else None
     dest = Path(dest)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     tmp = dest.with_name(dest.name + ".tmp")
     writer = GGUFWriter(tmp, arch=arch)
     writer.data_alignment = int(reader.alignment)
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue  # virtual fields, and the one the writer adds itself
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or field.name in drop:
+            continue  # virtual fields, the one the writer adds itself, and those asked to go
         value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE:
+        if field.name == gguf.Keys.General.FILE_TYPE and target is not None:
             value = int(gguf.LlamaFileType[f"MOSTLY_{target}"])
         sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
     for tensor in reader.tensors:
-        if tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(tensor.shape) == 2:
+        if kind is not None and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(tensor.shape) == 2:
             weights = gguf.quants.dequantize(tensor.data, GGMLQuantizationType.Q4_1)
             data = weights.astype(np.float16) if kind == GGMLQuantizationType.F16 else \
                 gguf.quants.quantize(weights, kind)

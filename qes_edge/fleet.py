@@ -124,7 +124,7 @@ class Fleet:
     def __init__(self, run: Run, options: FleetOptions):
         if (options.workers or 1) < 1:
             raise QesError(f"--workers must be at least 1, got {options.workers}")
-        run.open_model()  # a bad model or task fails here, before Ray starts, not on every worker
+        run.prompt_format(run.open_model())  # a bad model or task fails here, before Ray starts, not on every worker
         run.load_task()
         self.ray = _import_ray()
         self.run, self.options = run, options

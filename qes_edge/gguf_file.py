@@ -129,6 +129,11 @@ class ModelFile:
                 return t
         raise KeyError(name)
 
+    @property
+    def has_chat_template(self) -> bool:
+        """True when the model says how to render chat turns (``tokenizer.chat_template``), as llama.cpp reads it."""
+        return bool(self.metadata.get("tokenizer.chat_template"))
+
     def sha256(self) -> str:
         """sha256 of the whole file, read once on first use."""
         if self._sha256 is None:

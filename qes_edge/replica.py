@@ -38,13 +38,14 @@ class Replica:
 
     def __init__(self, copy: WorkingCopy, model: ModelFile, task: Task):
         s = copy.run.settings
+        prompts = copy.run.prompt_format(model)
         self.copy, self.task, self.settings = copy.open(model), task, s
         try:
             self.evaluator = Evaluator(copy.path, n_seq_max=max(s.batch, 1), n_threads=s.threads)
         except BaseException:
             copy.close()
             raise
-        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens)
+        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens, prompts)
 
     def rewards(self, signed_seed: int, iteration: int) -> list[float]:
         """Per-prompt rewards of checkpoint + perturbation(signed_seed) on the iteration's batch; restored after."""

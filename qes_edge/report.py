@@ -53,9 +53,35 @@ def summary_lines(run_dir: Path, result: dict, out: Path) -> list[str]:
             significance = f", {change / change_se:+.1f} SE" if change_se > 0 else ""
             lines.append(f"change:            {change:+.3f} ± {change_se:.3f} (paired over the same "
                          f"{last['n']} items{significance})")
+    if len(evals) > 1 and "samples" in first and "samples" in last:
+        lines.append(f"held-out items, iteration {evals[0]['iteration']} -> {evals[-1]['iteration']}:")
+        for number, (before, after) in enumerate(zip(first["samples"], last["samples"]), start=1):
+            lines.append(_question(number, before))
+            lines.append(f"     {_outcome(before)}  ->  {_outcome(after)}")
     state = "finished" if result["completed"] else "stopped (continue with --resume)"
     lines.append(f"{state} at iteration {result['iteration']} in {result['seconds'] / 60:.1f} min")
     lines.append(f"tuned model: {out}")
     lines.append(f"reward curve: {RunFiles(run_dir).reward_curve}")
     return lines
+
+
+def sample_lines(samples: list[dict]) -> list[str]:
+    """Two lines per held-out sample: the question, then the completion, its reward and verdict."""
+    lines = []
+    for number, sample in enumerate(samples, start=1):
+        lines += [_question(number, sample), f"     {_outcome(sample)}"]
+    return lines
+
+
+def _question(number: int, sample: dict) -> str:
+    return f"  {number}. {_clipped(' '.join(sample['prompt'].split()), 100)}  (answer {_clipped(repr(sample['answer']), 32)})"
+
+
+def _outcome(sample: dict) -> str:
+    verdict = "correct" if sample["correct"] else "wrong"
+    return f"{_clipped(repr(sample['completion']), 62)} reward {sample['reward']:.3f} {verdict}"
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 

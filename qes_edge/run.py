@@ -33,8 +33,10 @@ from .errors import QesError
 from .faults import crash_point
 from .gguf_file import ModelFile, atomic_output, file_sha256, open_model
 from .kernels import SCHEME
+from .ollama import OllamaModel, stem as ollama_stem
 from .settings import Settings
 from .tasks import Task, load_task
+from .tasks.prompt_format import PromptFormat
 
 STATE_VERSION = 1
 
@@ -69,6 +71,9 @@ class Run:
     iteration: int = 0
     history: list = field(default_factory=list)  # [(seeds, weights)] per completed iteration
     live_path: Path | None = None  # the working copy, while there is one
+    base_file: str = ""  # the model as the user named it (qes.base_file): the source's file name, or ollama:NAME:TAG
+    ollama: dict | None = None  # for a model from Ollama's store, what its Modelfile said (OllamaModel.record)
+    made_with: str = __version__  # the qes-edge version its exports record (qes.version)
 
     @property
     def files(self) -> RunFiles:
@@ -76,8 +81,16 @@ class Run:
 
     # -- state.json --
 
+    def __post_init__(self):
+        self.base_file = self.base_file or self.source.name
+
+    @property
+    def stem(self) -> str:
+        """A file-name stem for the run's model (the tuned GGUF's default name)."""
+        return ollama_stem(self.base_file) if self.ollama else self.source.stem
+
     @classmethod
-    def create(cls, run_dir: Path, source: Path, settings: Settings) -> Run:
+    def create(cls, run_dir: Path, source: Path, settings: Settings, ollama: OllamaModel | None = None) -> Run:
         settings.check()
         run_dir = Path(run_dir)
         if RunFiles(run_dir).state.exists():
@@ -87,7 +100,9 @@ class Run:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise QesError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-        run = cls(run_dir, Path(source).resolve(), settings, file_sha256(source))
+        run = cls(run_dir, Path(source).resolve(), settings, file_sha256(source),
+                  base_file=ollama.reference if ollama else Path(source).name,
+                  ollama=ollama.record() if ollama else None)
         run.save()
         return run
 
@@ -113,7 +128,8 @@ class Run:
                            f"(state {state.get('version')}, scheme {state.get('scheme')})")
         history = [(np.array(s, dtype=np.int64), np.array(w, dtype=np.int64)) for s, w in state["history"]]
         return cls(run_dir, Path(state["source"]), Settings(**state["settings"]), state["base_sha256"],
-                   state["iteration"], history, Path(state["live"]) if state.get("live") else None)
+                   state["iteration"], history, Path(state["live"]) if state.get("live") else None,
+                   state.get("base_file", ""), state.get("ollama"))
 
     def to_state(self) -> dict:
         """state.json's contents; the fleet sends the same to its workers."""
@@ -127,6 +143,8 @@ class Run:
             "iteration": self.iteration,
             "history": [[s.tolist(), w.tolist()] for s, w in self.history],
             "live": str(self.live_path) if self.live_path else None,
+            "base_file": self.base_file,
+            "ollama": self.ollama,
         }
 
     def save(self) -> None:
@@ -161,8 +179,10 @@ class Run:
         with open(self.files.metrics, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def has_heldout(self, iteration: int) -> bool:
-        return any(m["iteration"] == iteration and "heldout" in m for m in read_metrics(self.run_dir))
+    def heldout(self, iteration: int) -> dict | None:
+        """The held-out result recorded at ``iteration``, if there is one."""
+        return next((m["heldout"] for m in read_metrics(self.run_dir) if m["iteration"] == iteration
+                     and "heldout" in m), None)
 
     # -- what the run trains and on what --
 
@@ -179,9 +199,13 @@ class Run:
         s = self.settings
         return load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
 
+    def prompt_format(self, model: ModelFile) -> PromptFormat:
+        """How the task's items reach the source model (``model``): chat turns or plain text."""
+        return PromptFormat.choose(self.settings.prompt_format, self.base_file, model.has_chat_template)
+
     def provenance(self) -> dict:
         """The tuned GGUF's qes.* records: where it came from and the settings that made it."""
-        records = {"version": __version__, "base_sha256": self.base_sha256, "base_file": self.source.name,
+        records = {"version": self.made_with, "base_sha256": self.base_sha256, "base_file": self.base_file,
                    **self.settings.provenance()}
         records["iterations"] = self.iteration  # completed, which may be fewer than asked for
         records["scheme"] = SCHEME

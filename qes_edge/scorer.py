@@ -4,32 +4,41 @@ from __future__ import annotations
 
 from .evaluator import Evaluator
 from .tasks import Item, Task, accuracy_with_stderr, mean_with_stderr
+from .tasks.prompt_format import PromptFormat
+
+SAMPLES = 3  # held-out items whose completions a held-out result keeps (the first ones: the same every time)
 
 
 class Scorer:
-    """A task's rewards and verdicts for the completions of an evaluator's model."""
+    """A task's rewards and verdicts for the completions of an evaluator's model, its prompts in ``prompts``."""
 
-    def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int):
-        self.evaluator, self.task, self.max_tokens = evaluator, task, max_tokens
+    def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int, prompts: PromptFormat):
+        self.evaluator, self.task, self.max_tokens, self.prompts = evaluator, task, max_tokens, prompts
+        self.stop = prompts.stop(task)
 
     def rewards(self, items: list[Item]) -> list[float]:
         """One reward per item: of the greedy completion, or the answer's mean log-prob per token."""
-        prompts = [item.prompt for item in items]
+        prompts = [self.prompts.prompt(self.task, item) for item in items]
         if self.task.uses_logprob:
             answers = [self.evaluator.completion_tokens(item.answer) for item in items]
             totals = self.evaluator.logprob(prompts, answers)
             return [total / max(1, len(tokens)) for total, tokens in zip(totals, answers)]
-        completions = self.evaluator.generate(prompts, self.max_tokens, self.task.stop)
+        completions = self.evaluator.generate(prompts, self.max_tokens, self.stop)
         return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
 
-    def heldout(self) -> dict:
-        """Accuracy and mean reward on the task's held-out items, with their standard errors."""
+    def heldout(self, samples: int = SAMPLES) -> dict:
+        """Accuracy and mean reward on the task's held-out items, with their standard errors; each item's
+        verdict and reward; and (question, answer, completion, reward, correct) of the first ``samples``."""
         items = self.task.heldout
-        completions = self.evaluator.generate([i.prompt for i in items], self.max_tokens, self.task.stop)
+        completions = self.evaluator.generate([self.prompts.prompt(self.task, i) for i in items], self.max_tokens,
+                                              self.stop)
         correct = [self.task.correct(c.text, i) for c, i in zip(completions, items)]
         accuracy, accuracy_se = accuracy_with_stderr(correct)
         rewards = self.rewards(items) if self.task.uses_logprob else \
             [self.task.reward(c.text, i) for c, i in zip(completions, items)]
         reward, reward_se = mean_with_stderr(rewards)
+        shown = [{"prompt": i.question, "answer": i.answer, "completion": c.text, "reward": r, "correct": bool(k)}
+                 for i, c, r, k in zip(items[:samples], completions, rewards, correct)]
         return {"n": len(items), "accuracy": accuracy, "accuracy_se": accuracy_se,
-                "reward": reward, "reward_se": reward_se, "correct": [int(c) for c in correct]}
+                "reward": reward, "reward_se": reward_se, "correct": [int(c) for c in correct],
+                "rewards": rewards, "samples": shown}

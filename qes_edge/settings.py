@@ -93,6 +93,11 @@ class Settings:
     """
 
     task: str = setting("arithmetic", "Built-in task (arithmetic, countdown, successor) or a JSONL file.")
+    prompt_format: str = setting("auto", "How prompts reach the model: chat (a string prompt becomes a user turn "
+                                         "in the model's chat template), raw (plain text; chat items become a "
+                                         "Q:/A: transcript, few-shot for built-in tasks), or auto (chat when the "
+                                         "model has a template).", check=OneOf(("auto", "chat", "raw")),
+                                 recorded=False)
     reward: str | None = setting(None, "exact, contains, regex, numeric, logprob, or module:function.")
     iterations: int = setting(25, "Iterations to train (a resumed run may raise it).", check=AtLeast(0),
                               free_on_resume=True)
@@ -116,6 +121,8 @@ class Settings:
                                         "default 1).", free_on_resume=True, recorded=False)
     eval_every: int = setting(5, "Held-out evaluation period.", check=AtLeast(1), free_on_resume=True,
                               recorded=False)
+    force: bool = setting(False, "Train even when the first rewards carry no signal (all identical).",
+                          free_on_resume=True, recorded=False)
 
     @property
     def residual_kind(self) -> str:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import QesError
 from .es import iteration_seeds, mean, pair_weights, shape_rewards
 from .run import Run
 
@@ -45,7 +46,7 @@ def train(run: Run, population, on_progress: Callable[[Progress], None] = lambda
     with run.lock():
         run.truncate_metrics()
         with population:
-            if run.iteration == 0 and not run.has_heldout(0):
+            if run.iteration == 0 and run.heldout(0) is None:
                 result = population.heldout()
                 run.append_metrics({"iteration": 0, "heldout": result})
                 on_heldout(0, result)
@@ -55,8 +56,11 @@ def train(run: Run, population, on_progress: Callable[[Progress], None] = lambda
                     seeds = iteration_seeds(s.seed, t, pairs)
                     with population.dirty():
                         rewards = population.score(seeds, t, stop)
-                        if rewards is None:  # stopped between candidates, each one restored
-                            break
+                    if rewards is None:  # stopped between candidates, each one restored
+                        break
+                    if t == 0 and not s.force:
+                        require_signal(run.heldout(0), rewards)
+                    with population.dirty():
                         t1 = time.perf_counter()
                         plus = [rewards[p, 1] for p in range(pairs)]  # per-prompt rewards of each +s candidate
                         minus = [rewards[p, -1] for p in range(pairs)]
@@ -90,6 +94,28 @@ def train(run: Run, population, on_progress: Callable[[Progress], None] = lambda
                                          line.get("bytes_sent")))
     return {"completed": run.iteration >= s.iterations, "iteration": run.iteration,
             "seconds": time.perf_counter() - started, "metrics": run.files.metrics}
+
+
+class NoSignal(QesError):
+    """The run's first rewards are all the same: ES has nothing to follow.  ``samples``: held-out rows that show why."""
+
+    def __init__(self, message: str, samples: list[dict]):
+        super().__init__(message)
+        self.samples = samples
+
+
+def require_signal(start: dict | None, rewards: dict) -> None:
+    """NoSignal when the held-out rewards at iteration 0 and every candidate's rewards on the first batch
+    are one and the same value (an empty completion scoring 0 everywhere, say)."""
+    if start is None or "rewards" not in start:  # a run begun before held-out results kept their rewards
+        return
+    candidates = [r for per_prompt in rewards.values() for r in per_prompt]
+    values = set(start["rewards"]) | set(candidates)
+    if len(values) == 1:
+        raise NoSignal(f"no reward signal: all {len(start['rewards'])} held-out rewards and all {len(candidates)} "
+                       f"candidate rewards of iteration 1 are {values.pop():.3f}, so training cannot learn "
+                       "(samples above); check --prompt-format, --reward and --max-tokens, or pass --force",
+                       start.get("samples", []))
 
 
 class StopFlag:

@@ -132,11 +132,12 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
     """Run in a child process: peak RSS and PSS of inference only, or of training with a residual store."""
     from qes_edge.es import iteration_batch
     from qes_edge.evaluator import Evaluator
-    from qes_edge.gguf_file import make_working_copy
+    from qes_edge.gguf_file import make_working_copy, open_model
     from qes_edge.replica import LocalPopulation
     from qes_edge.run import Run
     from qes_edge.scorer import Scorer
     from qes_edge.tasks import load_task
+    from qes_edge.tasks.prompt_format import PromptFormat
     from qes_edge.trainer import train
     from qes_edge.working_copy import release
 
@@ -147,7 +148,8 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
             live = make_working_copy(model, Path(tmp) / "live.gguf")
             task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
             with Evaluator(live, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-                scorer = Scorer(evaluator, task, settings.max_tokens or task.max_tokens)
+                prompts = PromptFormat.choose(settings.prompt_format, model.name, open_model(model).has_chat_template)
+                scorer = Scorer(evaluator, task, settings.max_tokens or task.max_tokens, prompts)
                 for t in range(settings.iterations):
                     batch = iteration_batch(task, settings.seed, t, settings.batch)
                     for _ in range(settings.population):

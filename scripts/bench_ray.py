@@ -26,7 +26,7 @@ from pathlib import Path
 
 from qes_edge.gguf_file import default_model_path, open_model, weights_sha256
 
-QUICK = ["--population", "2", "--batch", "2", "--heldout", "4", "--max-tokens", "8"]
+QUICK = ["--population", "2", "--batch", "2", "--heldout", "4", "--max-tokens", "8", "--force"]  # timing, signal or not
 CONFIGS = [
     ("single process, 2 threads", ["--threads", "2"]),
     ("single process, 1 thread", ["--threads", "1"]),

@@ -69,6 +69,7 @@ from qes_edge.scorer import Scorer
 from qes_edge.settings import Settings
 from qes_edge.tasks import load_task, mean_with_stderr
 from qes_edge.tasks.arithmetic import STRICT
+from qes_edge.tasks.prompt_format import PromptFormat
 from qes_edge.tasks.successor import answer_form
 from qes_edge.trainer import train
 from qes_edge.working_copy import release
@@ -109,6 +110,7 @@ class DenseES:
     def __init__(self, source: Path, f16_path: Path, settings: Settings, work: Path):
         self.settings = settings
         quantized = open_model(source)
+        self.prompts = PromptFormat.choose(settings.prompt_format, source.name, quantized.has_chat_template)
         f16 = open_model(f16_path)
         self.live = make_working_copy(f16_path, work / "f16-live.gguf")
         buf = np.memmap(self.live, dtype=np.uint8, mode="r+")
@@ -142,7 +144,7 @@ class DenseES:
         step = s.alpha / (s.population * s.sigma) * self.sigma_dense
         seconds = 0.0
         with Evaluator(self.live, n_seq_max=s.batch, n_threads=s.threads) as evaluator:
-            score = Scorer(evaluator, task, s.max_tokens or task.max_tokens)
+            score = Scorer(evaluator, task, s.max_tokens or task.max_tokens, self.prompts)
             curve = [point(0, 0.0, score.heldout())]
             for t in range(s.iterations):
                 started = time.perf_counter()
@@ -184,8 +186,10 @@ def run_dense(source: Path, settings: Settings, work: Path) -> dict:
 def base_form_rate(source: Path, settings: Settings) -> dict:
     """How often the base model answers the held-out items in the task's asked-for form."""
     task = load_task(settings.task, seed=settings.seed, heldout=settings.heldout)
+    prompts = PromptFormat.choose(settings.prompt_format, source.name, open_model(source).has_chat_template)
     with Evaluator(source, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-        completions = evaluator.generate([i.prompt for i in task.heldout], task.max_tokens, task.stop)
+        completions = evaluator.generate([prompts.prompt(task, i) for i in task.heldout], task.max_tokens,
+                                         prompts.stop(task))
     in_form = [int(IN_FORM[task.name](c.text, i)) for c, i in zip(completions, task.heldout)]
     rate, se = mean_with_stderr(in_form)
     return {"in_form": rate, "in_form_se": se, "n": len(in_form),

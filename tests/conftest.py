@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
+from ollama_store import ollama_manifest, ollama_model_layers
 from qes_edge.convert import convert_matrices, write_and_close
 from qes_edge.gguf_file import default_model_path
 
 # Quant types the default Q4_1 model can be requantized to in numpy.
 REQUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-MODEL_FIXTURES = {"default_model", "tmp_model_copy", "default_reader", "model_of_type"}
+MODEL_FIXTURES = {"default_model", "tmp_model_copy", "default_reader", "model_of_type", "base_model", "ollama_store"}
 
 REWARD = '''
 def score(completion, item):
@@ -83,6 +84,27 @@ def model_of_type(default_reader: GGUFReader, tmp_path_factory) -> Callable[[str
         return made[type_name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def base_model(default_reader: GGUFReader, tmp_path_factory) -> Path:
+    """base.gguf: the default model without ``tokenizer.chat_template``, as a pretrained checkpoint comes
+    (its tensors are the default model's, byte for byte).  Treat it as read-only."""
+    path = tmp_path_factory.mktemp("base") / "base.gguf"
+    return convert_matrices(default_reader, path, None, drop=("tokenizer.chat_template",))
+
+
+# ---- a store laid out as Ollama lays it out (tests/ollama_store.py) ---------------------------------
+
+@pytest.fixture(scope="session")
+def ollama_store(default_model: Path, tmp_path_factory) -> Path:
+    """An Ollama store (what OLLAMA_MODELS names) holding the default model as smollm2:135m and someone/smol
+    (latest).  Tests must not write it; never a real ~/.ollama."""
+    root = tmp_path_factory.mktemp("ollama") / "models"
+    layers = ollama_model_layers(root, default_model.read_bytes())
+    ollama_manifest(root, "smollm2", "135m", layers)
+    ollama_manifest(root, "someone/smol", "latest", layers)
+    return root
 
 
 @pytest.fixture

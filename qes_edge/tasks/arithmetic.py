@@ -45,9 +45,18 @@ class Level:
         ]
 
 
+def ask(a: int, op: str, b: int) -> str:
+    return f"What is {a} {op} {b}? Reply with 'The answer is' and the number."
+
+
 def question(a: int, op: str, b: int) -> Item:
-    prompt = [{"role": "user", "content": f"What is {a} {op} {b}? Reply with 'The answer is' and the number."}]
-    return Item(prompt=prompt, answer=str(OPERATIONS[op](a, b)), meta={"a": a, "op": op, "b": b})
+    return Item(prompt=[{"role": "user", "content": ask(a, op, b)}], answer=str(OPERATIONS[op](a, b)),
+                meta={"a": a, "op": op, "b": b})
+
+
+# The few-shot start of a plain prompt (a model without a chat template): outside the default level's questions.
+EXAMPLES = tuple((ask(a, op, b), f"The answer is {OPERATIONS[op](a, b)}.") for a, op, b in
+                 ((12, "+", 25), (15, "-", 7), (6, "*", 11)))
 
 
 # The levels measured for BENCHMARKS.md ("The arithmetic task"); the task uses DEFAULT_LEVEL.
@@ -104,4 +113,5 @@ def make_task(rule: Reward | None, seed: int, heldout: int, train_size: int | No
         max_tokens=10,
         stop=("\n",),
         rule=rule or ArithmeticReward(),
+        examples=EXAMPLES,
     )

@@ -122,18 +122,20 @@ def random_expression(numbers: list[int], rng: random.Random) -> tuple[str, Frac
     return expression[1:-1], target
 
 
+def ask(numbers: list[int], target: int) -> str:
+    return (f"Using the numbers [{', '.join(map(str, numbers))}], create an arithmetic expression that equals "
+            f"{target}. You may use +, -, *, / and each number at most once. Reply with only the expression "
+            "inside <answer></answer> tags, for example <answer>(1 + 2) * 3</answer>.")
+
+
 def countdown_item(numbers: list[int], target: int, solution: str) -> Item:
-    listed = ", ".join(map(str, numbers))
-    prompt = [{
-        "role": "user",
-        "content": (
-            f"Using the numbers [{listed}], create an arithmetic expression that equals {target}. "
-            "You may use +, -, *, / and each number at most once. "
-            "Reply with only the expression inside <answer></answer> tags, "
-            "for example <answer>(1 + 2) * 3</answer>."
-        ),
-    }]
-    return Item(prompt=prompt, answer=solution, meta={"numbers": numbers, "target": target, "solution": solution})
+    return Item(prompt=[{"role": "user", "content": ask(numbers, target)}], answer=solution,
+                meta={"numbers": numbers, "target": target, "solution": solution})
+
+
+# The few-shot start of a plain prompt (a model without a chat template).
+EXAMPLES = tuple((ask(numbers, target), f"<answer>{solution}</answer>") for numbers, target, solution in
+                 (([3, 5, 2], 16, "(3 + 5) * 2"), ([4, 9, 6, 2], 30, "(9 - 4) * 6")))
 
 
 def make_task(rule: Reward | None, seed: int, heldout: int, train_size: int | None) -> Task:
@@ -152,6 +154,7 @@ def make_task(rule: Reward | None, seed: int, heldout: int, train_size: int | No
         max_tokens=48,
         stop=("</answer>",),
         rule=rule or CountdownReward(),
+        examples=EXAMPLES,
     )
 
 

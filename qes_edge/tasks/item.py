@@ -10,3 +10,10 @@ class Item:
     prompt: str | list[dict]  # plain text or chat messages; the evaluator renders them
     answer: str
     meta: dict = field(default_factory=dict)  # e.g. countdown numbers and target; JSONL line
+
+    @property
+    def question(self) -> str:
+        """The prompt's last user turn (a text prompt whole): what a sample row shows."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return next((m["content"] for m in reversed(self.prompt) if m["role"] == "user"), "")

@@ -16,6 +16,9 @@ class Task:
     max_tokens: int  # default generation budget
     stop: tuple[str, ...]
     rule: Reward
+    # Worked (question, reply) pairs: the few-shot start of a plain prompt for a model
+    # without a chat template (--prompt-format raw; see prompt_format.py).
+    examples: tuple[tuple[str, str], ...] = ()
 
     @property
     def uses_logprob(self) -> bool:
