@@ -20,10 +20,16 @@ from qes_edge.tasks.task import Task
 FIRST, LAST = 10, 999
 
 
+def ask(n: int) -> str:
+    return f"What number comes right after {n}? Answer with 'The number after {n} is' and the number."
+
+
 def question(n: int) -> Item:
-    prompt = [{"role": "user", "content": f"What number comes right after {n}? "
-                                          f"Answer with 'The number after {n} is' and the number."}]
-    return Item(prompt=prompt, answer=str(n + 1), meta={"n": n})
+    return Item(prompt=[{"role": "user", "content": ask(n)}], answer=str(n + 1), meta={"n": n})
+
+
+# Worked examples for a model without a chat template (--prompt-format raw): numbers the task never asks.
+EXAMPLES = tuple((ask(n), f"The number after {n} is {n + 1}.") for n in (4, 1299, 7))
 
 
 def answer_form(completion: str, item: Item) -> re.Match | None:
@@ -60,4 +66,5 @@ def make_task(rule: Reward | None, seed: int, heldout: int, train_size: int | No
         max_tokens=16,
         stop=("\n",),
         rule=rule or SuccessorReward(),
+        examples=EXAMPLES,
     )
