@@ -95,12 +95,12 @@ def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
     run = Run.load(run_dir) if (run_dir / "state.json").exists() else Run.create(run_dir, source, settings)
     train(run, LocalPopulation(run))
     release(run)
-    curve, seconds = [], 0.0
+    curve, seconds, stepped = [], 0.0, 0
     for m in read_metrics(run_dir):
         seconds += m.get("iteration_s", 0.0)
+        stepped += m.get("codes_stepped", 0)
         if "heldout" in m:
             curve.append(point(m["iteration"], seconds, m["heldout"]))
-    stepped = sum(m.get("codes_stepped", 0) for m in read_metrics(run_dir))
     return {"curve": curve, "codes_stepped": stepped}
 
 
