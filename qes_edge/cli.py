@@ -130,6 +130,8 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
 
     if ray_address is None and workers is not None:
         raise QesError("--workers goes with --ray")
+    if ray_address is not None and chosen.get("parallel") is not None:
+        raise QesError("--parallel goes without --ray (with --ray, each worker is a replica: see --workers)")
     if resume:
         if model is not None:
             raise QesError("--resume continues a run on its own model: drop MODEL")
@@ -138,8 +140,10 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
         out = out or run.run_dir / f"{run.stem}.qes.gguf"
         announce(run)
-        preflight.check(run.open_model(), run.settings, run.run_dir, out, fleet=ray_address is not None,
-                        live=run.live_path)
+        base = run.open_model()
+        replicas = 1 if ray_address else preflight.replicas(base, run.settings)
+        preflight.check(base, run.settings, run.run_dir, out, fleet=ray_address is not None,
+                        replicas=replicas, live=run.live_path)
     else:
         source, ollama = model_file(model)
         if not source.is_file():
@@ -149,10 +153,15 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         stem = ollama_stem(ollama.reference) if ollama else source.stem
         run_dir = run_dir or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         out = out or run_dir / f"{stem}.qes.gguf"
-        preflight.check(open_model(source, train_embeddings=s.train_embeddings), s, run_dir, out,
-                        fleet=ray_address is not None)
+        base = open_model(source, train_embeddings=s.train_embeddings)
+        replicas = 1 if ray_address else preflight.replicas(base, s)
+        preflight.check(base, s, run_dir, out, fleet=ray_address is not None, replicas=replicas)
         run = Run.create(run_dir, source, s, ollama)
         announce(run)
+    if replicas > 1:
+        threads = preflight.threads_per_replica(run.settings, replicas)
+        click.echo(f"candidates scored on {replicas} replicas x {threads} thread{'s' * (threads > 1)} "
+                   "(--parallel, --threads)")
 
     bar = tqdm(total=run.settings.iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
                file=sys.stderr, disable=None)
@@ -171,7 +180,8 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         bar.update(p.iteration - bar.n)
 
     try:
-        population = LocalPopulation(run) if ray_address is None else Fleet(run, FleetOptions(ray_address, workers))
+        population = Fleet(run, FleetOptions(ray_address, workers)) if ray_address else \
+            LocalPopulation(run, replicas, preflight.threads_per_replica(run.settings, replicas))
         result = train_run(run, population, on_progress, on_heldout)
         export(run, out)
     except NoSignal as e:
@@ -280,7 +290,7 @@ def evaluate(model, show, as_json, **chosen):
 
 @cli.command()
 @click.argument("model", required=False, metavar="[MODEL]")
-@setting_options("train_embeddings", "batch", "residual")
+@setting_options("train_embeddings", "batch", "residual", "parallel")
 @click.option("--json", "as_json", is_flag=True)
 def inspect(model, as_json, **chosen):
     """Tensors, types, what trains and why not, and what a run needs (and whether it fits here)."""
@@ -294,9 +304,10 @@ def inspect(model, as_json, **chosen):
     model, ollama = model_file(model)
     stem = ollama_stem(ollama.reference) if ollama else model.stem
     info = open_model(model, train_embeddings=s.train_embeddings)
-    need = preflight.estimate(info, s)
+    replicas = preflight.replicas(info, s)
+    need = preflight.estimate(info, s, replicas)
     run_dir = Path("runs") / stem  # where `train` would put the run, give or take its time stamp
-    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{stem}.qes.gguf")
+    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{stem}.qes.gguf", replicas=replicas)
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "tensors": [
@@ -311,7 +322,8 @@ def inspect(model, as_json, **chosen):
         click.echo(f"{t.name:<{width}}  {t.type_name:<6} {'x'.join(map(str, t.shape)):<14} {status}")
     click.echo(f"{len(info.trainable)} of {len(info.tensors)} tensors trainable, "
                f"{info.trainable_codes:,} codes")
-    click.echo(f"a run with --batch {s.batch} --residual {s.residual} needs (estimated, see README):")
+    click.echo(f"a run with --batch {s.batch} --residual {s.residual} --parallel {replicas} needs "
+               "(estimated, see README):")
     for line in need.lines():
         click.echo(f"  {line}")
     click.echo("fits here" if not problems else "does not fit here: " + "; ".join(problems))

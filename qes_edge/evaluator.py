@@ -25,6 +25,7 @@ from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from qes_edge.errors import QesError
+from qes_edge.preflight import physical_cores
 
 Message = Mapping[str, str]
 # A plain string, chat messages [{"role": ..., "content": ...}], or token ids.
@@ -61,28 +62,6 @@ def _last_llama_error() -> str:
 
 def _is_chat(prompt) -> bool:
     return len(prompt) > 0 and isinstance(prompt[0], Mapping)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on: llama.cpp is slower on SMT siblings."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    cores, processor, physical = set(), None, "0"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "processor":
-                    processor = int(value)
-                elif key == "physical id":
-                    physical = value
-                elif key == "core id" and (allowed is None or processor in allowed):
-                    cores.add((physical, value))
-    except (OSError, ValueError):
-        cores = set()
-    if cores:
-        return len(cores)
-    return len(allowed) if allowed else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

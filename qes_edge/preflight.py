@@ -39,9 +39,11 @@ def mib(n: int) -> str:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Bytes a run of ``model`` with these settings needs, item by item."""
+    """Bytes a run of ``model`` with these settings needs, item by item (on ``replicas`` replicas: each has a
+    copy of the model and a llama.cpp context)."""
 
-    working_copy: int
+    replicas: int
+    working_copy: int  # every replica's copy
     sidecar: int  # 0 with --residual replay or without error feedback
     gating: int  # one bit per trainable code
     kv_cache: int
@@ -55,11 +57,12 @@ class Estimate:
         return self.working_copy + self.sidecar + self.gating + self.kv_cache + self.llama_buffers + self.process
 
     def lines(self) -> list[str]:
-        ram = [("working copy", self.working_copy), ("residual sidecar", self.sidecar),
+        copies = f"working copies ({self.replicas} replicas)" if self.replicas > 1 else "working copy"
+        ram = [(copies, self.working_copy), ("residual sidecar", self.sidecar),
                ("llama.cpp KV cache", self.kv_cache), ("llama.cpp buffers", self.llama_buffers),
                ("gating bits", self.gating), ("process", self.process)]
         return [f"RAM: about {mib(self.ram)} (" + ", ".join(f"{k} {mib(v)}" for k, v in ram if v) + ")",
-                f"disk: working copy {mib(self.working_copy)} (on /dev/shm when it has room, else in the run "
+                f"disk: {copies} {mib(self.working_copy)} (on /dev/shm when it has room, else in the run "
                 "directory)" + (f", residual sidecar {mib(self.sidecar)} (run directory)" if self.sidecar else "")
                 + f", tuned GGUF {mib(self.output)}"]
 
@@ -69,8 +72,9 @@ def _int(metadata: dict, key: str, default: int | None = None) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
-def estimate(model: ModelFile, settings: Settings) -> Estimate:
-    """What a run of ``model`` with ``settings`` needs; see the module docstring for what is exact."""
+def estimate(model: ModelFile, settings: Settings, replicas: int = 1) -> Estimate:
+    """What a run of ``model`` with ``settings`` on ``replicas`` replicas needs; see the module docstring for
+    what is exact."""
     md = model.metadata
     arch = md.get("general.architecture", "")
     n_layer = _int(md, f"{arch}.block_count", 0)
@@ -87,11 +91,12 @@ def estimate(model: ModelFile, settings: Settings) -> Estimate:
     logits_row = 4 * n_vocab  # one float per token of the vocabulary
     codes = model.trainable_codes
     return Estimate(
-        working_copy=model.file_size,
+        replicas=replicas,
+        working_copy=replicas * model.file_size,
         sidecar=SIDECAR_HEADER + 2 * codes if settings.residual_kind == "sidecar" else 0,
         gating=(codes + 7) // 8,
-        kv_cache=prompts * kv_per_prompt,
-        llama_buffers=BATCH_TOKENS * (logits_row + 4 * n_head * CONTEXT_PER_PROMPT) + prompts * logits_row,
+        kv_cache=replicas * prompts * kv_per_prompt,
+        llama_buffers=replicas * (BATCH_TOKENS * (logits_row + 4 * n_head * CONTEXT_PER_PROMPT) + prompts * logits_row),
         process=PROCESS_BYTES,
         output=model.file_size,
         kv_per_prompt=kv_per_prompt + logits_row,
@@ -99,7 +104,10 @@ def estimate(model: ModelFile, settings: Settings) -> Estimate:
 
 
 class Machine:
-    """What this machine has: free disk space, file systems, available RAM.  Tests pass a fake one."""
+    """What this machine has: cores, free disk space, file systems, available RAM.  Tests pass a fake one."""
+
+    def cores(self) -> int:
+        return physical_cores()
 
     def free_bytes(self, path: Path) -> int:
         stat = os.statvfs(_existing(path))
@@ -123,6 +131,47 @@ class Machine:
         return None
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on: llama.cpp is slower on SMT siblings."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cores, processor, physical = set(), None, "0"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    processor = int(value)
+                elif key == "physical id":
+                    physical = value
+                elif key == "core id" and (allowed is None or processor in allowed):
+                    cores.add((physical, value))
+    except (OSError, ValueError):
+        cores = set()
+    if cores:
+        return len(cores)
+    return len(allowed) if allowed else (os.cpu_count() or 1)
+
+
+def replicas(model: ModelFile, settings: Settings, machine: Machine | None = None) -> int:
+    """How many replicas score candidates side by side: ``--parallel``, else as many as the physical cores
+    hold at ``--threads`` each (default 1), at most one per candidate, while the run on them needs at most
+    half of MemAvailable."""
+    if settings.parallel:
+        return settings.parallel
+    machine = machine or Machine()
+    count = max(1, min(machine.cores() // (settings.threads or 1), settings.population))
+    available = machine.mem_available()
+    while count > 1 and available is not None and 2 * estimate(model, settings, count).ram > available:
+        count -= 1
+    return count
+
+
+def threads_per_replica(settings: Settings, replicas: int, machine: Machine | None = None) -> int:
+    """``--threads``, else the physical cores shared out among the replicas."""
+    return settings.threads or max(1, (machine or Machine()).cores() // replicas)
+
+
 def _existing(path: Path) -> Path:
     """``path``, or its nearest ancestor that exists (a run directory not made yet)."""
     path = Path(path).absolute()
@@ -140,18 +189,19 @@ def placement(model_bytes: int, run_dir: Path, machine: Machine | None = None) -
 
 
 def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *, fleet: bool = False,
-               live: Path | None = None, machine: Machine | None = None) -> list[str]:
+               replicas: int = 1, live: Path | None = None, machine: Machine | None = None) -> list[str]:
     """What does not fit, one phrase each with the option that helps; [] when the run fits.
 
     ``fleet``: the workers hold the working copies and the sidecars, so only the tuned GGUF is checked
-    here.  ``live``: a resumed run's working copy, if it has one.  Files already in place (that copy, a
-    resumed run's sidecar) need no more room.
+    here.  ``replicas``: how many copies of the model this process scores on.  ``live``: a resumed run's
+    working copy, if it has one.  Files already in place (that copy, a resumed run's sidecar) need no more
+    room.
     """
     machine = machine or Machine()
-    need = estimate(model, settings)
+    need = estimate(model, settings, replicas)
     disk = [("tuned GGUF", Path(out), need.output)]
     if not fleet:
-        copy = live if live and Path(live).is_file() else placement(need.working_copy, run_dir, machine) / "live.gguf"
+        copy = live if live and Path(live).is_file() else placement(model.file_size, run_dir, machine) / "live.gguf"
         disk += [("working copy", Path(copy), need.working_copy),
                  ("residual sidecar", Path(run_dir) / "residual.bin", need.sidecar)]
     by_device: dict[int, list] = {}
@@ -168,14 +218,18 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
             names = {what for what, _, _ in items}
             helps = (["--residual replay"] if "residual sidecar" in names else []) + \
                     (["another --run-dir"] if names & {"residual sidecar", "working copy"} else []) + \
+                    (["a smaller --parallel"] if "working copy" in names and replicas > 1 else []) + \
                     (["another --out"] if "tuned GGUF" in names else [])
             problems.append(f"{where} is {mib(wanted - free)} short ({', '.join(sorted(names))} need "
                             f"{mib(wanted)}, {mib(free)} free; try {' or '.join(helps)})")
     available = None if fleet else machine.mem_available()
     if available is not None and need.ram > available:
         helps = [f"--residual replay saves {mib(need.sidecar)}"] if need.sidecar else []
+        if replicas > 1:
+            helps.append(f"each replica less in --parallel saves {mib(need.ram - estimate(model, settings).ram)}"
+                         if replicas == 2 else "a smaller --parallel saves a copy of the model each")
         if settings.batch > 1:
-            helps.append(f"each prompt less in --batch saves {mib(need.kv_per_prompt)}")
+            helps.append(f"each prompt less in --batch saves {mib(replicas * need.kv_per_prompt)}")
         problems.append(f"RAM is {mib(need.ram - available)} short (a run needs about {mib(need.ram)}, "
                         f"MemAvailable is {mib(available)}" + (f"; {', '.join(helps)}" if helps else "") + ")")
     return problems

@@ -1,4 +1,4 @@
-"""A replica of the run, and the population that scores every candidate in this process on one.
+"""A replica of the run, and the population that scores every candidate in this process on its replicas.
 
 A population is what the ES loop (:func:`qes_edge.trainer.train`) asks to
 score candidates and take updates.  Besides :class:`LocalPopulation` there is
@@ -17,7 +17,10 @@ A population offers:
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
+from typing import Callable
 
 import numpy as np
 
@@ -28,20 +31,23 @@ from .faults import crash_point
 from .gguf_file import ModelFile
 from .kernels import support_seed
 from .run import Run
-from .scorer import Scorer
+from .scorer import Scorer, heldout_result
 from .tasks import Task
-from .working_copy import WorkingCopy
+from .working_copy import Mirror, WorkingCopy
 
 
 class Replica:
-    """A working copy at the run's checkpoint with its own evaluator: scores candidates, takes updates."""
+    """A working copy at the run's checkpoint with its own evaluator: scores candidates, takes updates.
 
-    def __init__(self, copy: WorkingCopy, model: ModelFile, task: Task):
+    ``copy``: a :class:`WorkingCopy`, or a :class:`Mirror` of one (which takes no updates of its own).
+    """
+
+    def __init__(self, copy: WorkingCopy | Mirror, model: ModelFile, task: Task, threads: int | None = None):
         s = copy.run.settings
         prompts = copy.run.prompt_format(model)
         self.copy, self.task, self.settings = copy.open(model), task, s
         try:
-            self.evaluator = Evaluator(copy.path, n_seq_max=max(s.batch, 1), n_threads=s.threads)
+            self.evaluator = Evaluator(copy.path, n_seq_max=max(s.batch, 1), n_threads=threads or s.threads)
         except BaseException:
             copy.close()
             raise
@@ -77,20 +83,37 @@ class Replica:
 
 
 class LocalPopulation:
-    """Every candidate scored in this process, one after another, on one replica of the run."""
+    """Every candidate scored in this process: on one replica, or on several side by side.
 
-    def __init__(self, run: Run):
+    The first replica is the run's working copy; each other one is a
+    :class:`Mirror` of it with its own llama.cpp context, and scores in a
+    thread of its own (llama.cpp runs without the GIL).  A candidate's score
+    depends only on the copy's bytes and the candidate, and the held-out
+    items go out in the waves one replica decodes them in, so any number of
+    replicas gives one replica's rewards, verdicts and bytes.
+    """
+
+    def __init__(self, run: Run, replicas: int = 1, threads: int | None = None):
         self.run = run
         self.model, self.task = run.open_model(), run.load_task()  # a bad model or task fails before any work
         self.copy = WorkingCopy(run)
-        self.replica: Replica | None = None
+        self.size, self.threads = replicas, threads
+        self.replicas: list[Replica] = []
 
     def __enter__(self):
-        self.replica = Replica(self.copy, self.model, self.task)
+        try:
+            self.replicas.append(Replica(self.copy, self.model, self.task, self.threads))
+            for index in range(1, self.size):
+                self.replicas.append(Replica(Mirror(self.copy, index), self.model, self.task, self.threads))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc):
-        self.replica.close()
+        for replica in reversed(self.replicas):  # mirrors first: the working copy closes last
+            replica.close()
+        self.replicas = []
 
     @contextlib.contextmanager
     def dirty(self):
@@ -99,23 +122,60 @@ class LocalPopulation:
         self.copy.mark_clean()
 
     def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
-        rewards = {}
+        candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1)]
         try:
-            for p, seed in enumerate(seeds):
-                for sign in (1, -1):
-                    rewards[p, sign] = self.replica.rewards(sign * int(seed), iteration)
-                if stop.requested:
-                    return None
+            rewards = self._share(candidates, lambda replica, c: replica.rewards(c[1] * int(seeds[c[0]]), iteration),
+                                  stop)
         except QesError:
             self.copy.mark_clean()  # every candidate was restored: the copy is the checkpoint again
             raise
-        return rewards
+        return None if stop.requested else dict(zip(candidates, rewards))
 
     def apply(self, history: list) -> tuple[int, int]:
-        return self.replica.apply(history)
+        result = self.replicas[0].apply(history)
+        for mirror in self.replicas[1:]:
+            mirror.copy.follow()
+        return result
 
     def heldout(self) -> dict:
-        return self.replica.heldout()
+        items = self.task.heldout
+        wave = self.replicas[0].evaluator.n_seq_max  # what one replica decodes together
+        waves = [items[i:i + wave] for i in range(0, len(items), wave)]
+        judged = self._share(waves, lambda replica, w: replica.scorer.judge(w))
+        return heldout_result(items, [row for rows in judged for row in rows])
 
     def report(self) -> dict:
         return {}
+
+    def _share(self, jobs: list, work: Callable, stop=None) -> list:
+        """[work(replica, job) for job in jobs], each job done by whichever replica is free (None for a job
+        not done because ``stop.requested``).  The first replica works in this thread, so Ctrl-C reaches it
+        as usual.  At the first failure no more jobs are taken; it is raised once every replica has
+        finished the job it has."""
+        pending = collections.deque(enumerate(jobs))
+        done, failures, closed = [None] * len(jobs), [], threading.Event()
+
+        def serve(replica: Replica) -> None:
+            while not failures and not closed.is_set() and not (stop and stop.requested):
+                try:
+                    index, job = pending.popleft()
+                except IndexError:
+                    return
+                try:
+                    done[index] = work(replica, job)
+                except Exception as e:
+                    failures.append(e)
+
+        helpers = [threading.Thread(target=serve, args=(r,), name=f"replica-{i}")
+                   for i, r in enumerate(self.replicas[1:], 1)]
+        for helper in helpers:
+            helper.start()
+        try:
+            serve(self.replicas[0])
+        finally:
+            closed.set()  # after a KeyboardInterrupt here, the helpers take no more jobs
+            for helper in helpers:
+                helper.join()
+        if failures:
+            raise failures[0]
+        return done

@@ -27,18 +27,29 @@ class Scorer:
         return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
 
     def heldout(self, samples: int = SAMPLES) -> dict:
-        """Accuracy and mean reward on the task's held-out items, with their standard errors; each item's
-        verdict and reward; and (question, answer, completion, reward, correct) of the first ``samples``."""
-        items = self.task.heldout
+        """Accuracy and mean reward on the task's held-out items (see :func:`heldout_result`)."""
+        return heldout_result(self.task.heldout, self.judge(self.task.heldout), samples)
+
+    def judge(self, items: list[Item]) -> list[tuple[str, float, bool]]:
+        """(completion, reward, correct) of each item."""
         completions = self.evaluator.generate([self.prompts.prompt(self.task, i) for i in items], self.max_tokens,
                                               self.stop)
         correct = [self.task.correct(c.text, i) for c, i in zip(completions, items)]
-        accuracy, accuracy_se = accuracy_with_stderr(correct)
         rewards = self.rewards(items) if self.task.uses_logprob else \
             [self.task.reward(c.text, i) for c, i in zip(completions, items)]
-        reward, reward_se = mean_with_stderr(rewards)
-        shown = [{"prompt": i.question, "answer": i.answer, "completion": c.text, "reward": r, "correct": bool(k)}
-                 for i, c, r, k in zip(items[:samples], completions, rewards, correct)]
-        return {"n": len(items), "accuracy": accuracy, "accuracy_se": accuracy_se,
-                "reward": reward, "reward_se": reward_se, "correct": [int(c) for c in correct],
-                "rewards": rewards, "samples": shown}
+        return [(c.text, r, bool(k)) for c, r, k in zip(completions, rewards, correct)]
+
+
+def heldout_result(items: list[Item], judged: list[tuple[str, float, bool]], samples: int = SAMPLES) -> dict:
+    """Accuracy and mean reward on held-out items, with their standard errors; each item's verdict and
+    reward; and (question, answer, completion, reward, correct) of the first ``samples``.  ``judged``: each
+    item's (completion, reward, correct), as :meth:`Scorer.judge` gives them."""
+    correct = [k for _, _, k in judged]
+    rewards = [r for _, r, _ in judged]
+    accuracy, accuracy_se = accuracy_with_stderr(correct)
+    reward, reward_se = mean_with_stderr(rewards)
+    shown = [{"prompt": i.question, "answer": i.answer, "completion": c, "reward": r, "correct": k}
+             for i, (c, r, k) in zip(items[:samples], judged)]
+    return {"n": len(items), "accuracy": accuracy, "accuracy_se": accuracy_se,
+            "reward": reward, "reward_se": reward_se, "correct": [int(k) for k in correct],
+            "rewards": rewards, "samples": shown}

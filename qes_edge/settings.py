@@ -117,8 +117,13 @@ class Settings:
     seed: int = setting(0, "Run seed: the task's split, each iteration's prompts and perturbations.")
     heldout: int = setting(128, "Held-out items for accuracy.", check=AtLeast(1), recorded=False)
     train_embeddings: bool = setting(False, "Also train the token embedding matrix.", recorded=False)
-    threads: int | None = setting(None, "llama.cpp threads (default: physical cores; with --ray: per worker, "
-                                        "default 1).", free_on_resume=True, recorded=False)
+    threads: int | None = setting(None, "llama.cpp threads per replica (default: physical cores / replicas; with "
+                                        "--ray: per worker, default 1).", check=AtLeast(1), free_on_resume=True,
+                                  recorded=False)
+    parallel: int | None = setting(None, "Replicas scoring candidates side by side in this process, each with its "
+                                         "own copy of the model in RAM (default: one per physical core, at most the "
+                                         "population, while they fit in half the available RAM).",
+                                   check=AtLeast(1), free_on_resume=True, recorded=False)
     eval_every: int = setting(5, "Held-out evaluation period.", check=AtLeast(1), free_on_resume=True,
                               recorded=False)
     force: bool = setting(False, "Train even when the first rewards carry no signal (all identical).",

@@ -122,6 +122,8 @@ class WorkingCopy:
         self.files.unsynced.unlink(missing_ok=True)
         if path is not None:
             path.unlink(missing_ok=True)
+            for mirror in path.parent.glob(f"{MIRROR_PREFIX}*.gguf"):  # left by a killed run
+                mirror.unlink(missing_ok=True)
             if path.parent.name.startswith("qes-edge-"):
                 shutil.rmtree(path.parent, ignore_errors=True)
 
@@ -131,6 +133,43 @@ class WorkingCopy:
             return self.files.live
         tag = hashlib.sha256(str(self.run.run_dir.resolve()).encode()).hexdigest()[:12]
         return scratch / f"qes-edge-{tag}" / "live.gguf"
+
+
+MIRROR_PREFIX = "mirror-"
+
+
+class Mirror:
+    """A byte copy of a working copy, for one more replica to score candidates on.
+
+    Beside the working copy (``mirror-N.gguf``), made at :meth:`open` from
+    it, and deleted at :meth:`close`.  It is never updated itself: after each
+    update, :meth:`follow` copies the working copy's bytes again.  So it needs
+    no residual and no markers: a run killed with mirrors open leaves files
+    that the next open overwrites and that :meth:`WorkingCopy.release` deletes.
+    """
+
+    def __init__(self, copy: WorkingCopy, index: int):
+        self.copy, self.run, self.index = copy, copy.run, index
+        self.path: Path | None = None
+        self.buf = self.space = None
+
+    def open(self, model: ModelFile) -> Mirror:
+        self.path = self.copy.path.with_name(f"{MIRROR_PREFIX}{self.index}.gguf")
+        shutil.copyfile(self.copy.path, self.path)  # through the page cache: the copy's unsynced writes too
+        self.buf, self.space = _code_space(self.copy.run, model, self.path)
+        return self
+
+    def follow(self) -> None:
+        """Take the working copy's bytes (after an update)."""
+        np.copyto(self.buf, self.copy.buf)
+
+    def weights_sha256(self) -> str:
+        return weights_sha256(self.copy.model, self.buf)
+
+    def close(self) -> None:
+        self.buf = self.space = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def release(run: Run) -> None:
@@ -180,15 +219,20 @@ def replay(run: Run, model: ModelFile, live: Path, residual: Path) -> tuple:
 
 def _mapped(run: Run, model: ModelFile, live: Path, residual: Path) -> tuple:
     """The copy at ``live`` mapped read-write, its code space, and the run's residual store."""
-    buf = np.memmap(live, dtype=np.uint8, mode="r+")
-    slots = [TensorSlot(t.name, t.ggml_type, t.offset, t.n_elements) for t in model.trainable]
-    space = CodeSpace(buf, slots, run.settings.sigma)
+    buf, space = _code_space(run, model, live)
     stores = {
         "none": lambda: NoResidual(),
         "replay": lambda: ReplayResidual(run.settings.window),
         "sidecar": lambda: SidecarResidual(residual, model.header_sha256, space.n_codes),
     }
     return buf, space, stores[run.settings.residual_kind]()
+
+
+def _code_space(run: Run, model: ModelFile, path: Path) -> tuple:
+    """The model file at ``path`` mapped read-write, and its code space."""
+    buf = np.memmap(path, dtype=np.uint8, mode="r+")
+    slots = [TensorSlot(t.name, t.ggml_type, t.offset, t.n_elements) for t in model.trainable]
+    return buf, CodeSpace(buf, slots, run.settings.sigma)
 
 
 def scratch_dir(run: Run) -> Path:

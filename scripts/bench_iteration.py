@@ -2,14 +2,21 @@
 
     python scripts/bench_iteration.py [MODEL.gguf] [--iterations 3] [--quick] [--json bench_iteration.json]
 
-Time: a real training run with the default settings (`qes_edge.settings.Settings`,
+Time: real training runs with the default settings (`qes_edge.settings.Settings`,
 overridable), timed from outside the loop by wrapping the pieces it calls:
 llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
-and everything QES adds (perturb, restore, the update, checkpoint and metrics
-writes).  The held-out evaluations are reporting, not training, and are left
-out of the iteration time (shown on their own line), as is the one sync of the
-working copy and the residual to disk when the run closes (once per run, not
-per iteration; also on its own line).
+and everything QES adds (perturb, restore, the update, the mirrors' copy of
+the updated bytes, checkpoint and metrics writes).  The held-out evaluations
+are reporting, not training, and are left out of the iteration time (shown
+on their own line), as is the one sync of the working copy and the residual
+to disk when the run closes (once per run, not per iteration; also on its
+own line).  Two runs, side by side: one replica with every core's thread
+(the path before ``--parallel``) and the default (``qes_edge.preflight``:
+one replica per core); ``speedup_vs_single_replica`` is the ratio of their
+iteration times, and their tuned weights must be the same bytes.  With
+several replicas, perturb and restore run on every replica at once, so
+their seconds (summed over replicas) count 1/replicas towards the overhead;
+the update and the writes run alone and count in full.
 
 Memory: three fresh processes on the same model, prompts and evaluator:
 inference only (every candidate's prompts scored on the unperturbed model),
@@ -86,14 +93,15 @@ def settings_from(args) -> Settings:
     return Settings(eval_every=10 ** 6, **given)
 
 
-def time_breakdown(model: Path, settings: Settings) -> dict:
+def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int) -> dict:
+    from qes_edge.gguf_file import file_sha256
     from qes_edge.kernels import CodeSpace
     from qes_edge.replica import LocalPopulation
     from qes_edge.residual import ReplayResidual, SidecarResidual
     from qes_edge.run import Run
     from qes_edge.scorer import Scorer
     from qes_edge.trainer import train
-    from qes_edge.working_copy import WorkingCopy, release
+    from qes_edge.working_copy import Mirror, WorkingCopy, export, release
 
     clock = Clock()
     clock.wrap(Scorer, "rewards", "inference")
@@ -102,14 +110,16 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
     clock.wrap(CodeSpace, "restore", "restore")
     clock.wrap(SidecarResidual, "update", "update")
     clock.wrap(ReplayResidual, "update", "update")
+    clock.wrap(Mirror, "follow", "follow")
     clock.wrap(Run, "save", "checkpoint")
     clock.wrap(WorkingCopy, "sync", "sync")
     clock.wrap(Run, "append_metrics", "metrics")
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
         run = Run.create(Path(tmp) / "run", model, settings)
         started = time.perf_counter()
-        train(run, LocalPopulation(run))
+        train(run, LocalPopulation(run, replicas, threads))
         total = time.perf_counter() - started
+        weights = file_sha256(export(run, Path(tmp) / "tuned.gguf"))
         release(run)
         run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     n = settings.iterations
@@ -118,12 +128,16 @@ def time_breakdown(model: Path, settings: Settings) -> dict:
     sync = seconds.pop("sync", 0.0)
     # heldout() generates on its own (rewards() only for log-prob tasks), so inference is the candidates'.
     iteration = (total - heldout - sync) / n
-    inference = seconds["inference"] / n
-    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "checkpoint", "metrics")}
-    other = iteration - inference - sum(qes.values())
-    return {"iteration_s": iteration, "inference_s": inference, "qes_s": qes, "other_s": other,
+    inference = seconds["inference"] / n  # summed over the replicas
+    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "follow", "checkpoint", "metrics")}
+    on_every_replica = {"perturb", "restore"}
+    overhead = sum(v / (replicas if k in on_every_replica else 1) for k, v in qes.items())
+    other = iteration - (inference + qes["perturb"] + qes["restore"]) / replicas - \
+        sum(v for k, v in qes.items() if k not in on_every_replica)
+    return {"replicas": replicas, "threads": threads, "iteration_s": iteration, "inference_s": inference,
+            "qes_s": qes, "other_s": other,
             "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]), "sync_at_close_s": sync,
-            "qes_overhead_fraction": sum(qes.values()) / iteration, "run_dir_files": run_dir_files}
+            "qes_overhead_fraction": overhead / iteration, "weights_sha256": weights, "run_dir_files": run_dir_files}
 
 
 # ---- memory: each measurement in its own process ----------------------------------------------
@@ -169,7 +183,7 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
             store = mode.removeprefix("train-")
             run_dir = Path(tmp) / "run"
             run = Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
-            train(run, LocalPopulation(run))
+            train(run, LocalPopulation(run, 1, settings.threads))
             peak_pss = max(peak_pss, pss_mb())
             release(run)
             sidecar = run_dir / "residual.bin"
@@ -194,7 +208,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 4))
     pieces = {"inference": result["inference_s"], **result["qes_s"], "other": max(0.0, result["other_s"])}
-    time_axis.bar(list(pieces), list(pieces.values()), color=["tab:blue"] + ["tab:orange"] * 5 + ["tab:gray"])
+    colors = ["tab:blue"] + ["tab:orange"] * len(result["qes_s"]) + ["tab:gray"]
+    time_axis.bar(list(pieces), list(pieces.values()), color=colors)
     time_axis.set_yscale("log")
     time_axis.set_ylabel("seconds per iteration (log)")
     time_axis.set_title(f"QES adds {100 * result['qes_overhead_fraction']:.2f}% to an iteration")
@@ -233,7 +248,15 @@ def main() -> None:
         return
 
     load = os.getloadavg()[0]
-    result = time_breakdown(args.model, settings)
+    from qes_edge import preflight
+    from qes_edge.gguf_file import open_model
+
+    replicas = preflight.replicas(open_model(args.model), settings)
+    single = time_breakdown(args.model, settings, 1, settings.threads or preflight.physical_cores())
+    result = time_breakdown(args.model, settings, replicas, preflight.threads_per_replica(settings, replicas))
+    result["single_replica"] = {k: v for k, v in single.items() if k != "run_dir_files"}
+    result["speedup_vs_single_replica"] = single["iteration_s"] / result["iteration_s"]
+    result["bytes_identical"] = single["weights_sha256"] == result["weights_sha256"]
     result["memory"] = {mode: memory_in_child(mode, args) for mode in ("infer", "train-sidecar", "train-replay")}
     memory = result["memory"]
     result.update({
@@ -252,10 +275,13 @@ def main() -> None:
     print(f"{'piece':<24} {'s / iteration':>14} {'share':>8}")
     rows = [("llama.cpp inference", result["inference_s"])] + \
            [(f"QES: {k}", v) for k, v in result["qes_s"].items()] + [("other (Python, shaping)", result["other_s"])]
+    print(f"{result['replicas']} replicas x {result['threads']} threads (shares: of the replicas' time)")
     for name, value in rows:
-        print(f"{name:<24} {value:>14.4f} {100 * value / result['iteration_s']:>7.2f}%")
+        print(f"{name:<24} {value:>14.4f} {100 * value / result['iteration_s'] / result['replicas']:>7.2f}%")
     print(f"{'iteration':<24} {result['iteration_s']:>14.3f}")
-    print(f"QES overhead: {100 * result['qes_overhead_fraction']:.2f}% (target <= 2%); "
+    print(f"{'one replica, iteration':<24} {single['iteration_s']:>14.3f}  ({single['threads']} threads; "
+          f"speedup {result['speedup_vs_single_replica']:.2f}x, bytes identical: {result['bytes_identical']})")
+    print(f"QES overhead: {100 * result['qes_overhead_fraction']:.2f}% (target <= 1%); "
           f"held-out evaluation, per evaluation: {result['heldout_eval_s']:.1f} s; "
           f"sync to disk at close, once per run: {result['sync_at_close_s']:.2f} s")
     print(f"{'memory':<24} {'peak RSS MB':>12} {'peak PSS MB':>12} {'x inference (PSS)':>18}")

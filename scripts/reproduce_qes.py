@@ -1,6 +1,7 @@
 """The learning study: QES against its control and full-precision ES, on two tasks and several seeds.
 
     python scripts/reproduce_qes.py [--quick] [--seeds 0,1,2] [--tasks arithmetic,successor]
+                                    [--arms qes,no-ef,fp] [--set NAME=VALUE ...]
                                     [--jobs N] [--threads N] [--work DIR] [--json F] [--png F]
 
 Every cell (task, arm, seed) trains the default model (SmolLM2-135M-Instruct
@@ -36,6 +37,10 @@ a skill, not a format).  ``--long N`` adds a QES run of N iterations (on
 ``--long-task``, the first seed) and reports its accuracy after 30 minutes of
 training (or at its end) against after 5 minutes, paired over the items.
 
+``--set`` changes a setting in every cell (say ``--set sigma=0.05 --set
+alpha=0.1`` for another regime; give each combination its own --work), and
+``--arms`` runs some of the arms only.
+
 Cells live under --work (default: a temporary directory); re-running with
 the same --work resumes unfinished QES cells and reuses finished ones.  With
 ``--jobs 2 --threads 1`` two cells run side by side, one thread each.
@@ -66,7 +71,8 @@ from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
 from qes_edge.replica import LocalPopulation
 from qes_edge.run import Run, read_metrics
 from qes_edge.scorer import Scorer
-from qes_edge.settings import Settings
+from qes_edge.settings import Settings, value_type
+from qes_edge.settings import names as settings_names
 from qes_edge.tasks import load_task, mean_with_stderr
 from qes_edge.tasks.arithmetic import STRICT
 from qes_edge.tasks.prompt_format import PromptFormat
@@ -76,6 +82,7 @@ from qes_edge.working_copy import release
 
 QUICK = dict(iterations=2, population=2, batch=2, heldout=8, eval_every=1)
 ARMS = {"qes": dict(), "no-ef": dict(error_feedback=False), "fp": None}
+GAIN_KEYS = {"qes": "qes_gain", "no-ef": "no_ef_gain", "fp": "full_precision_gain"}
 LABELS = {"qes": "QES (error feedback)", "no-ef": "QES, no error feedback", "fp": "ES, full precision (F16)"}
 COLORS = {"qes": "tab:blue", "no-ef": "tab:gray", "fp": "tab:orange", "long": "tab:green"}
 IN_FORM = {"arithmetic": lambda text, item: STRICT.fullmatch(text.strip()) is not None,
@@ -228,22 +235,27 @@ def at_minutes(curve: list[dict], minutes: float) -> dict:
     return [p for p in curve if p["seconds"] <= minutes * 60][-1]
 
 
-def summarize(results: dict, task: str, seeds: list[int]) -> dict:
+def summarize(results: dict, task: str, seeds: list[int], arms: list[str]) -> dict:
+    """Pooled gains of ``arms`` (those given of qes, no-ef, fp); QES's share of fp and EF minus its
+    control when both arms of the comparison ran."""
     def change(arm: str, seed: int) -> tuple[float, float]:
         curve = results[task, arm, seed]["curve"]
         return paired(curve[-1]["correct"], curve[0]["correct"])
 
-    gains = {arm: pooled([change(arm, s) for s in seeds]) for arm in ARMS}
-    ef = pooled([paired(results[task, "qes", s]["curve"][-1]["correct"],
-                        results[task, "no-ef", s]["curve"][-1]["correct"]) for s in seeds])
-    share = gains["qes"][0] / gains["fp"][0] if gains["fp"][0] else float("nan")
-    return {"qes_gain": gains["qes"][0], "qes_gain_se": gains["qes"][1],
-            "no_ef_gain": gains["no-ef"][0], "no_ef_gain_se": gains["no-ef"][1],
-            "full_precision_gain": gains["fp"][0], "full_precision_gain_se": gains["fp"][1],
-            "qes_share_of_full_precision": share, "ef_minus_control": ef[0], "ef_minus_control_se": ef[1],
-            "seeds": seeds,
-            "per_seed": {arm: {str(s): dict(zip(("change", "change_se"), change(arm, s))) for s in seeds}
-                         for arm in ARMS}}
+    summary = {"seeds": seeds}
+    for arm in arms:
+        gain, se = pooled([change(arm, s) for s in seeds])
+        summary.update({f"{GAIN_KEYS[arm]}": gain, f"{GAIN_KEYS[arm]}_se": se})
+    if {"qes", "fp"} <= set(arms):
+        fp = summary["full_precision_gain"]
+        summary["qes_share_of_full_precision"] = summary["qes_gain"] / fp if fp else float("nan")
+    if {"qes", "no-ef"} <= set(arms):
+        ef = pooled([paired(results[task, "qes", s]["curve"][-1]["correct"],
+                            results[task, "no-ef", s]["curve"][-1]["correct"]) for s in seeds])
+        summary.update(ef_minus_control=ef[0], ef_minus_control_se=ef[1])
+    summary["per_seed"] = {arm: {str(s): dict(zip(("change", "change_se"), change(arm, s))) for s in seeds}
+                           for arm in arms}
+    return summary
 
 
 def still_learning(curve: list[dict]) -> dict:
@@ -267,7 +279,7 @@ def plot(report: dict, results: dict, path: Path) -> None:
     tasks = report["tasks"]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for arm in ARMS:
+        for arm in report["arms"]:
             curves = [results[task, arm, seed]["curve"] for seed in report["seeds"]]
             for curve in curves:
                 ax.plot([p["seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], color=COLORS[arm],
@@ -306,11 +318,14 @@ def print_tables(report: dict) -> None:
         print(f"\n{task}: base model answers in the asked-for form {form['in_form']:.2f} ± {form['in_form_se']:.2f}"
               f" (n = {form['n']} x {len(report['seeds'])} seeds)")
         print(f"{'arm':<28} {'pooled change ± SE':>20}   per seed")
-        for arm, key in (("qes", "qes_gain"), ("no-ef", "no_ef_gain"), ("fp", "full_precision_gain")):
+        for arm in report["arms"]:
+            key = GAIN_KEYS[arm]
             seeds = "  ".join(f"{v['change']:+.3f}" for v in s["per_seed"][arm].values())
             print(f"{LABELS[arm]:<28} {s[key]:>+12.3f} ± {s[key + '_se']:.3f}   {seeds}")
-        print(f"QES / full precision: {s['qes_share_of_full_precision']:.2f}; error feedback minus control: "
-              f"{s['ef_minus_control']:+.3f} ± {s['ef_minus_control_se']:.3f}")
+        if "qes_share_of_full_precision" in s:
+            print(f"QES / full precision: {s['qes_share_of_full_precision']:.2f}")
+        if "ef_minus_control" in s:
+            print(f"error feedback minus control: {s['ef_minus_control']:+.3f} ± {s['ef_minus_control_se']:.3f}")
     if "long" in report:
         x = report["long"]
         print(f"\nlong run ({x['task']}, seed {x['seed']}, {x['iterations']} iterations): "
@@ -319,11 +334,21 @@ def print_tables(report: dict) -> None:
               f"{x['end_minus_early_se']:.3f}")
 
 
+def setting_value(given: str) -> tuple[str, object]:
+    """"sigma=0.05" as ("sigma", 0.05), typed as the Settings field is."""
+    name, _, value = given.partition("=")
+    if name not in settings_names():
+        raise SystemExit(f"--set {given}: no setting {name!r}")
+    kind = value_type(name)
+    return name, (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK}, for regular checks")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default="arithmetic,successor")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
     parser.add_argument("--long", type=int, default=0, metavar="N", help="add a QES run of N iterations")
     parser.add_argument("--long-task", default=None, help="the long run's task (default: the first task)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (each in its own process)")
@@ -331,12 +356,18 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep (and resume) the cells here")
     parser.add_argument("--json", type=Path, default=Path("reproduce_qes.json"))
     parser.add_argument("--png", type=Path, default=Path("reproduce_qes.png"))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a Settings field for every cell (e.g. sigma=0.05); one --work per combination")
     parser.add_argument("--cell", nargs=3, metavar=("TASK", "ARM", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     source = default_model_path().resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     tasks = args.tasks.split(",")
-    base = Settings(threads=args.threads, **(QUICK if args.quick else {}))
+    arms = args.arms.split(",")
+    if not set(arms) <= set(ARMS):
+        raise SystemExit(f"--arms: each of {', '.join(ARMS)}, not {args.arms}")
+    base = Settings(threads=args.threads, **(QUICK if args.quick else {}), **dict(map(setting_value, args.set)))
+    base.check()
 
     def settings_of(task: str, arm: str, seed: int) -> Settings:
         iterations = args.long if arm == "long" else base.iterations
@@ -348,7 +379,7 @@ def main() -> None:
             task, arm, seed = args.cell
             cell(source, settings_of(task, arm, int(seed)), arm, work / f"{task}-{arm}-{seed}")
             return
-        cells = [(t, a, s) for s in seeds for t in tasks for a in ARMS]
+        cells = [(t, a, s) for s in seeds for t in tasks for a in arms]
         long_task = args.long_task or tasks[0]
         if args.long:
             cells.append((long_task, "long", seeds[0]))
@@ -360,7 +391,7 @@ def main() -> None:
             if args.jobs > 1 and not (where / "result.json").exists():
                 command = [sys.executable, __file__, "--cell", task, arm, str(seed), "--work", str(work)]
                 command += ["--quick"] * args.quick + (["--threads", str(args.threads)] if args.threads else [])
-                command += ["--long", str(args.long)]
+                command += ["--long", str(args.long)] + [f"--set={given}" for given in args.set]
                 with open(work / f"{task}-{arm}-{seed}.log", "a") as log:
                     subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
             result = cell(source, settings_of(task, arm, seed), arm, where)
@@ -371,10 +402,12 @@ def main() -> None:
             return result
 
         work.mkdir(parents=True, exist_ok=True)
-        f16_copy(source, work)
+        if "fp" in arms:
+            f16_copy(source, work)
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = dict(zip(cells, pool.map(compute, cells)))
         report = {"model": source.name, "quick": args.quick, "versions": versions(), "seeds": seeds, "tasks": tasks,
+                  "arms": arms,
                   "budget": {k: getattr(base, k) for k in ("iterations", "population", "batch", "heldout", "sigma",
                                                            "alpha", "decay", "shaping", "eval_every")},
                   "threads": args.threads, "jobs": args.jobs}
@@ -384,7 +417,7 @@ def main() -> None:
             rate, se = pooled([(r["in_form"], r["in_form_se"]) for r in rates])
             report["base_in_form"][task] = {"in_form": rate, "in_form_se": se, "n": rates[0]["n"],
                                             "samples": rates[0]["samples"]}
-        report["summary"] = {task: summarize(results, task, seeds) for task in tasks}
+        report["summary"] = {task: summarize(results, task, seeds, arms) for task in tasks}
         if args.long:
             report["long"] = {"task": long_task, "seed": seeds[0], "iterations": args.long,
                               **still_learning(results[long_task, "long", seeds[0]]["curve"])}

@@ -10,7 +10,7 @@ from qes_edge import preflight
 from qes_edge.cli import cli
 from qes_edge.errors import QesError
 from qes_edge.gguf_file import ModelFile, TensorInfo
-from qes_edge.preflight import MiB, Machine, estimate, placement, shortfalls
+from qes_edge.preflight import MiB, Machine, estimate, mib, placement, shortfalls
 from qes_edge.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -30,8 +30,12 @@ def model(metadata=SMOLLM2, codes=CODES, file_size=FILE) -> ModelFile:
 class FakeMachine(Machine):
     """/dev/shm (device 1), a disk for the paths under ``other_dir`` (device 3), one for the rest (device 2)."""
 
-    def __init__(self, ram=8 << 30, shm=8 << 30, disk=8 << 30, other=None, other_dir=None):
+    def __init__(self, ram=8 << 30, shm=8 << 30, disk=8 << 30, other=None, other_dir=None, cores=2):
         self.ram, self.free, self.other_dir = ram, {1: shm, 2: disk, 3: other}, str(other_dir)
+        self.n_cores = cores
+
+    def cores(self):
+        return self.n_cores
 
     def device(self, path):
         path = str(path)
@@ -91,6 +95,33 @@ def test_too_little_ram_names_the_shortfall_and_what_helps(tmp_path):
     assert "--batch" in problem
     assert shortfalls(model(), Settings(residual="replay"), tmp_path / "run", tmp_path / "out.gguf",
                       machine=FakeMachine(ram=ram)) == []
+
+
+def test_replicas_fill_the_cores_up_to_the_population_while_they_fit_in_half_the_ram():
+    replicas = preflight.replicas
+    assert replicas(model(), Settings(), FakeMachine(cores=4)) == 4
+    assert replicas(model(), Settings(population=2), FakeMachine(cores=4)) == 2
+    assert replicas(model(), Settings(threads=2), FakeMachine(cores=4)) == 2  # --threads is per replica
+    assert replicas(model(), Settings(threads=8), FakeMachine(cores=4)) == 1
+    three = estimate(model(), Settings(), 3).ram
+    assert replicas(model(), Settings(), FakeMachine(cores=4, ram=2 * three)) == 3
+    assert replicas(model(), Settings(), FakeMachine(cores=4, ram=need().ram)) == 1  # one always: it must fit
+    assert replicas(model(), Settings(parallel=5), FakeMachine(cores=1, ram=0)) == 5  # asked for: then checked
+    assert preflight.threads_per_replica(Settings(), 2, FakeMachine(cores=4)) == 2
+    assert preflight.threads_per_replica(Settings(), 3, FakeMachine(cores=2)) == 1
+    assert preflight.threads_per_replica(Settings(threads=3), 2, FakeMachine(cores=2)) == 3
+
+
+def test_each_replica_has_a_copy_and_a_context_and_too_many_are_refused_with_what_helps(tmp_path):
+    one, two = need(), estimate(model(), Settings(), 2)
+    assert two.working_copy == 2 * FILE and two.kv_cache == 2 * one.kv_cache
+    assert two.sidecar == one.sidecar and two.gating == one.gating  # one residual, whatever the replicas
+    assert "working copies (2 replicas)" in two.lines()[0]
+    [problem] = shortfalls(model(), Settings(), tmp_path / "run", tmp_path / "out.gguf", replicas=2,
+                           machine=FakeMachine(ram=one.ram + MiB))
+    assert problem.startswith("RAM is") and f"each replica less in --parallel saves {mib(two.ram - one.ram)}" in problem
+    assert shortfalls(model(), Settings(), tmp_path / "run", tmp_path / "out.gguf", replicas=1,
+                      machine=FakeMachine(ram=one.ram + MiB)) == []
 
 
 def test_a_full_shm_puts_the_copy_in_the_run_directory_whose_disk_must_hold_it(tmp_path):
