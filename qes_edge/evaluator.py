@@ -121,8 +121,11 @@ class Evaluator:
     rounds each share up to a multiple of 256): one prompt plus its completion
     must fit in ``n_ctx_seq`` tokens. n_batch is the most tokens one forward
     pass takes; it also bounds llama.cpp's logits buffer (n_batch × n_vocab
-    floats). flash_attn switches to llama.cpp's flash attention; prompts are
-    then decoded whole, without sharing their common prefix.
+    floats). repack lets llama.cpp copy the weights into its repacked
+    layouts (faster kernels for some types, but a private copy that edits to
+    the file never reach: for benchmarks only). flash_attn switches to
+    llama.cpp's flash attention; prompts are then decoded whole, without
+    sharing their common prefix.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class Evaluator:
         n_batch: int = 512,
         n_threads: int | None = None,
         flash_attn: bool = False,
+        repack: bool = False,
     ):
         self._model = self._ctx = None
         self.model_path = Path(model_path)
@@ -146,14 +150,14 @@ class Evaluator:
         model_params = llama.llama_model_default_params()
         model_params.n_gpu_layers = 0
         # The weights must stay views of the file: memory-mapped, never
-        # repacked into private buffers, never read lazily into copies.
+        # repacked into private buffers (unless asked), never read lazily into copies.
         if hasattr(model_params, "load_mode"):  # llama-cpp-python >= 0.3.2x
             model_params.load_mode = llama.LLAMA_LOAD_MODE_MMAP
         else:
             model_params.use_mmap = True
         if hasattr(model_params, "lazy_mode"):
             model_params.lazy_mode = llama.LLAMA_LAZY_MODE_OFF
-        model_params.use_extra_bufts = False
+        model_params.use_extra_bufts = repack
         self._model = llama.llama_model_load_from_file(str(self.model_path).encode(), model_params)
         if not self._model:
             self._model = None

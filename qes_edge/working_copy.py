@@ -163,9 +163,6 @@ class Mirror:
         """Take the working copy's bytes (after an update)."""
         np.copyto(self.buf, self.copy.buf)
 
-    def weights_sha256(self) -> str:
-        return weights_sha256(self.copy.model, self.buf)
-
     def close(self) -> None:
         self.buf = self.space = None
         if self.path is not None:
