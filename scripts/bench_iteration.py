@@ -8,9 +8,12 @@ llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
 and everything QES adds (perturb, restore, the update, the mirrors' copy of
 the updated bytes, checkpoint and metrics writes).  The held-out evaluations
 are reporting, not training, and are left out of the iteration time (shown
-on their own line), as is the one sync of the working copy and the residual
-to disk when the run closes (once per run, not per iteration; also on its
-own line).  Two runs, side by side: one replica with every core's thread
+on their own line), as are the one sync of the working copy and the residual
+to disk when the run closes and the run's set-up (working copy, mirrors,
+model loads): once per run, not per iteration, each on its own line.  An
+iteration is what the trainer records as its scoring and update time
+(``score_s`` + ``update_s`` in metrics.jsonl) plus its checkpoint and
+metrics writes.  Two runs, side by side: one replica with every core's thread
 (the path before ``--parallel``) and the default (``qes_edge.preflight``:
 one replica per core); ``speedup_vs_single_replica`` is the ratio of their
 iteration times, and their tuned weights must be the same bytes.  With
@@ -98,14 +101,14 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     from qes_edge.kernels import CodeSpace
     from qes_edge.replica import LocalPopulation
     from qes_edge.residual import ReplayResidual, SidecarResidual
-    from qes_edge.run import Run
+    from qes_edge.run import Run, read_metrics
     from qes_edge.scorer import Scorer
     from qes_edge.trainer import train
     from qes_edge.working_copy import Mirror, WorkingCopy, export, release
 
     clock = Clock()
     clock.wrap(Scorer, "rewards", "inference")
-    clock.wrap(Scorer, "heldout", "held-out evaluation")
+    clock.wrap(LocalPopulation, "heldout", "held-out evaluation")
     clock.wrap(CodeSpace, "perturb", "perturb")
     clock.wrap(CodeSpace, "restore", "restore")
     clock.wrap(SidecarResidual, "update", "update")
@@ -120,6 +123,7 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
         train(run, LocalPopulation(run, replicas, threads))
         total = time.perf_counter() - started
         weights = file_sha256(export(run, Path(tmp) / "tuned.gguf"))
+        steps = [m for m in read_metrics(run.run_dir) if "score_s" in m]
         release(run)
         run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     n = settings.iterations
@@ -127,7 +131,11 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     heldout = seconds.pop("held-out evaluation", 0.0)
     sync = seconds.pop("sync", 0.0)
     # heldout() generates on its own (rewards() only for log-prob tasks), so inference is the candidates'.
-    iteration = (total - heldout - sync) / n
+    # An iteration: scoring and the update, as the trainer times them, and its checkpoint and metrics writes;
+    # what else the run took (copies made, models loaded: once per run) is its set-up.
+    writes = (seconds.get("checkpoint", 0.0) + seconds.get("metrics", 0.0)) / n
+    iteration = sum(m["score_s"] + m["update_s"] for m in steps) / n + writes
+    setup = total - heldout - sync - n * iteration
     inference = seconds["inference"] / n  # summed over the replicas
     qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "follow", "checkpoint", "metrics")}
     on_every_replica = {"perturb", "restore"}
@@ -137,6 +145,7 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     return {"replicas": replicas, "threads": threads, "iteration_s": iteration, "inference_s": inference,
             "qes_s": qes, "other_s": other,
             "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]), "sync_at_close_s": sync,
+            "setup_s": setup,
             "qes_overhead_fraction": overhead / iteration, "weights_sha256": weights, "run_dir_files": run_dir_files}
 
 
@@ -283,7 +292,8 @@ def main() -> None:
           f"speedup {result['speedup_vs_single_replica']:.2f}x, bytes identical: {result['bytes_identical']})")
     print(f"QES overhead: {100 * result['qes_overhead_fraction']:.2f}% (target <= 1%); "
           f"held-out evaluation, per evaluation: {result['heldout_eval_s']:.1f} s; "
-          f"sync to disk at close, once per run: {result['sync_at_close_s']:.2f} s")
+          f"sync to disk at close, once per run: {result['sync_at_close_s']:.2f} s; "
+          f"set-up, once per run: {result['setup_s']:.1f} s (one replica: {single['setup_s']:.1f} s)")
     print(f"{'memory':<24} {'peak RSS MB':>12} {'peak PSS MB':>12} {'x inference (PSS)':>18}")
     for mode, figures in memory.items():
         ratio = figures["peak_pss_mb"] / memory["infer"]["peak_pss_mb"]
