@@ -158,8 +158,8 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         preflight.check(base, s, run_dir, out, fleet=ray_address is not None, replicas=replicas)
         run = Run.create(run_dir, source, s, ollama)
         announce(run)
+    threads = preflight.threads_per_replica(run.settings, replicas)
     if replicas > 1:
-        threads = preflight.threads_per_replica(run.settings, replicas)
         click.echo(f"candidates scored on {replicas} replicas x {threads} thread{'s' * (threads > 1)} "
                    "(--parallel, --threads)")
 
@@ -181,7 +181,7 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
 
     try:
         population = Fleet(run, FleetOptions(ray_address, workers)) if ray_address else \
-            LocalPopulation(run, replicas, preflight.threads_per_replica(run.settings, replicas))
+            LocalPopulation(run, replicas, threads)
         result = train_run(run, population, on_progress, on_heldout)
         export(run, out)
     except NoSignal as e:

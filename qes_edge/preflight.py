@@ -226,8 +226,8 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
     if available is not None and need.ram > available:
         helps = [f"--residual replay saves {mib(need.sidecar)}"] if need.sidecar else []
         if replicas > 1:
-            helps.append(f"each replica less in --parallel saves {mib(need.ram - estimate(model, settings).ram)}"
-                         if replicas == 2 else "a smaller --parallel saves a copy of the model each")
+            per_replica = (need.ram - estimate(model, settings).ram) // (replicas - 1)
+            helps.append(f"each replica less in --parallel saves {mib(per_replica)}")
         if settings.batch > 1:
             helps.append(f"each prompt less in --batch saves {mib(replicas * need.kv_per_prompt)}")
         problems.append(f"RAM is {mib(need.ram - available)} short (a run needs about {mib(need.ram)}, "

@@ -156,7 +156,7 @@ class Mirror:
     def open(self, model: ModelFile) -> Mirror:
         self.path = self.copy.path.with_name(f"{MIRROR_PREFIX}{self.index}.gguf")
         shutil.copyfile(self.copy.path, self.path)  # through the page cache: the copy's unsynced writes too
-        self.buf, self.space = _code_space(self.copy.run, model, self.path)
+        self.buf, self.space = _code_space(self.run, model, self.path)
         return self
 
     def follow(self) -> None:
