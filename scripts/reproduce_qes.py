@@ -34,8 +34,9 @@ full-precision gain; error feedback minus its control, paired item by item
 within a seed and pooled the same way; and the base model's rate of answers
 in the asked-for form (a gain on a task the model already answers in form is
 a skill, not a format).  ``--long N`` adds a QES run of N iterations (on
-``--long-task``, the first seed) and reports its accuracy after 30 minutes of
-training (or at its end) against after 5 minutes, paired over the items.
+``--long-task``, the first seed) and reports its accuracy by 30 minutes of
+training (or at its end) against its first evaluation from minute 5 on,
+paired over the items.
 
 ``--set`` changes a setting in every cell (say ``--set sigma=0.05 --set
 alpha=0.1`` for another regime; give each combination its own --work), and
@@ -230,9 +231,14 @@ def pooled(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     return sum(m for m, _ in pairs) / n, math.sqrt(sum(se * se for _, se in pairs)) / n
 
 
-def at_minutes(curve: list[dict], minutes: float) -> dict:
+def by_minutes(curve: list[dict], minutes: float) -> dict:
     """The last evaluation at or before ``minutes`` of training."""
     return [p for p in curve if p["seconds"] <= minutes * 60][-1]
+
+
+def from_minutes(curve: list[dict], minutes: float) -> dict:
+    """The first evaluation at or after ``minutes`` of training (the last one if none is that late)."""
+    return next((p for p in curve if p["seconds"] >= minutes * 60), curve[-1])
 
 
 def summarize(results: dict, task: str, seeds: list[int], arms: list[str]) -> dict:
@@ -259,8 +265,13 @@ def summarize(results: dict, task: str, seeds: list[int], arms: list[str]) -> di
 
 
 def still_learning(curve: list[dict]) -> dict:
-    """The long run's accuracy after 30 minutes of training (or at its end) against after 5 minutes."""
-    early, end = at_minutes(curve, EARLY_MINUTES), at_minutes(curve, LONG_MINUTES)
+    """The long run's accuracy by 30 minutes of training (or at its end) against from 5 minutes on.
+
+    Both ends are taken on the conservative side of an evaluation: the first
+    one at or after minute 5 (an evaluation before it would be the base model
+    when evaluations are 5 minutes apart), and the last one by minute 30.
+    """
+    early, end = from_minutes(curve, EARLY_MINUTES), by_minutes(curve, LONG_MINUTES)
     gain, se = paired(end["correct"], early["correct"])
     return {"early_iteration": early["iteration"], "early_minutes": round(early["seconds"] / 60, 2),
             "early_accuracy": early["accuracy"], "end_iteration": end["iteration"],
