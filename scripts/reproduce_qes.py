@@ -271,7 +271,8 @@ def still_learning(curve: list[dict]) -> dict:
     one at or after minute 5 (an evaluation before it would be the base model
     when evaluations are 5 minutes apart), and the last one by minute 30.
     """
-    early, end = from_minutes(curve, EARLY_MINUTES), by_minutes(curve, LONG_MINUTES)
+    early = from_minutes(curve, EARLY_MINUTES)
+    end = max(by_minutes(curve, LONG_MINUTES), early, key=lambda p: p["seconds"])  # none in between: no change
     gain, se = paired(end["correct"], early["correct"])
     return {"early_iteration": early["iteration"], "early_minutes": round(early["seconds"] / 60, 2),
             "early_accuracy": early["accuracy"], "end_iteration": end["iteration"],
