@@ -16,6 +16,13 @@
 #include <omp.h>
 #endif
 
+/* A hint to fetch the cache line at p for writing; it changes no result. */
+#if defined(__GNUC__) || defined(__clang__)
+#define PREFETCH_FOR_WRITE(p) __builtin_prefetch((p), 1)
+#else
+#define PREFETCH_FOR_WRITE(p) ((void)(p))
+#endif
+
 /* Columns of layout_tables()' params (codes.py). */
 enum { LOW_BITS, HIGH_BITS, SIGNED, BLOCK_SHIFT, BLOCK_BYTES, CODE_LO, CODE_HI, N_PARAMS };
 
@@ -83,26 +90,45 @@ static inline int64_t draw_magnitude(uint64_t *state, const qes_noise *noise) {
     return magnitude;
 }
 
-/* noise.chunk_streams and next_delta: the support and sign streams of one chunk, walked together. */
+/* noise.support_stream, sign_stream, chunk_streams, next_support, signed_delta and next_delta: the support and
+ * sign streams of one chunk. */
+static inline uint64_t support_stream(int64_t support, uint64_t key, int64_t start) {
+    return stream_start((uint64_t)support, key, start / QES_CHUNK);
+}
+
+static inline uint64_t sign_stream(int64_t seed, uint64_t key, int64_t start) {
+    return stream_start(seed_abs_of(seed), key ^ SIGN_SALT, start / QES_CHUNK);
+}
+
 typedef struct {
     uint64_t support_state, sign_state;
     int64_t sign;
 } delta_stream;
 
 static inline delta_stream chunk_streams(int64_t support, int64_t seed, uint64_t key, int64_t start) {
-    const int64_t chunk = start / QES_CHUNK;
-    delta_stream d = {stream_start((uint64_t)support, key, chunk),
-                      stream_start(seed_abs_of(seed), key ^ SIGN_SALT, chunk), sign_of(seed)};
+    delta_stream d = {support_stream(support, key, start), sign_stream(seed, key, start), sign_of(seed)};
     return d;
+}
+
+/* Advances *element to the next support code (>= end: the chunk is done) and returns its |delta|. */
+static inline int64_t next_support(uint64_t *support_state, int64_t *element, int64_t end, const qes_noise *noise) {
+    *element += draw_gap(support_state, noise);
+    if (*element >= end)
+        return 0;
+    return draw_magnitude(support_state, noise);
+}
+
+/* A seed's delta at its next support code: one fair sign from its stream. */
+static inline int64_t signed_delta(uint64_t *sign_state, int64_t sign, int64_t magnitude) {
+    return (next_u64(sign_state) >> 63) ? -sign * magnitude : sign * magnitude;
 }
 
 /* Advances *element to the next support code (>= end: the chunk is done) and returns this seed's delta there. */
 static inline int64_t next_delta(delta_stream *d, int64_t *element, int64_t end, const qes_noise *noise) {
-    *element += draw_gap(&d->support_state, noise);
+    const int64_t magnitude = next_support(&d->support_state, element, end, noise);
     if (*element >= end)
         return 0;
-    const int64_t magnitude = draw_magnitude(&d->support_state, noise);
-    return (next_u64(&d->sign_state) >> 63) ? -d->sign * magnitude : d->sign * magnitude;
+    return signed_delta(&d->sign_state, d->sign, magnitude);
 }
 
 QES_API void qes_constants(int64_t out[4]) {
@@ -227,6 +253,11 @@ static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const qes_t
             break;
         deltas[count] = delta;
         elements[count] = element;
+        /* The codes are scattered over the model: start fetching each one now, so that the misses overlap. */
+        int64_t j;
+        PREFETCH_FOR_WRITE(buf + code_address(element, params, offset, &j));
+        if (restore)
+            PREFETCH_FOR_WRITE(gated + ((code_base + element) >> 3));
         count++;
         element++;
     }
@@ -281,31 +312,40 @@ QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const 
 
 /* ---- update.py ------------------------------------------------------------------------------ */
 
-/* gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk (slot -1: skip). */
-static inline void add_stream(int64_t *gradient, const int64_t *slot, uint64_t key, int64_t start, int64_t end,
-                              int64_t seed, int64_t support, int64_t weight, const qes_noise *noise) {
-    delta_stream d = chunk_streams(support, seed, key, start);
-    int64_t element = start;
+/* The chunk's support codes under `support` (elements, ascending) and their |delta|; returns how many. */
+static int64_t chunk_support(int64_t *positions, int64_t *magnitudes, int64_t support, uint64_t key, int64_t start,
+                             int64_t end, const qes_noise *noise) {
+    uint64_t state = support_stream(support, key, start);
+    int64_t element = start, count = 0;
     for (;;) {
-        const int64_t delta = next_delta(&d, &element, end, noise);
+        const int64_t magnitude = next_support(&state, &element, end, noise);
         if (element >= end)
-            break;
-        const int64_t k = slot[element - start];
-        if (k >= 0)
-            gradient[k] = wrap_add(gradient[k], wrap_mul(weight, delta));
+            return count;
+        positions[count] = element;
+        magnitudes[count] = magnitude;
+        count++;
         element++;
     }
 }
 
-/* One iteration's g = sum_p w_p * delta_p over `size` gradient entries, gathered through slot. */
-static void row_gradient(int64_t *gradient, int64_t size, const int64_t *slot, uint64_t key, int64_t start,
-                         int64_t end, int64_t support, const int64_t *seeds_row, const int64_t *weights_row,
-                         int64_t pairs, const qes_noise *noise) {
-    for (int64_t i = 0; i < size; i++)
-        gradient[i] = 0;
-    for (int64_t p = 0; p < pairs; p++)
-        if (weights_row[p] != 0)
-            add_stream(gradient, slot, key, start, end, seeds_row[p], support, weights_row[p], noise);
+/* One iteration's g = sum_p w_p * delta_p on the chunk's support (drawn once, shared by the pairs):
+ * fills positions, magnitudes and gradient, one entry per support code; returns how many. */
+static int64_t row_gradient(int64_t *gradient, int64_t *positions, int64_t *magnitudes, uint64_t key, int64_t start,
+                            int64_t end, int64_t support, const int64_t *seeds_row, const int64_t *weights_row,
+                            int64_t pairs, const qes_noise *noise) {
+    const int64_t count = chunk_support(positions, magnitudes, support, key, start, end, noise);
+    for (int64_t k = 0; k < count; k++)
+        gradient[k] = 0;
+    for (int64_t p = 0; p < pairs; p++) {
+        const int64_t weight = weights_row[p];
+        if (weight == 0)
+            continue;
+        uint64_t sign_state = sign_stream(seeds_row[p], key, start);
+        const int64_t sign = sign_of(seeds_row[p]);
+        for (int64_t k = 0; k < count; k++)
+            gradient[k] = wrap_add(gradient[k], wrap_mul(weight, signed_delta(&sign_state, sign, magnitudes[k])));
+    }
+    return count;
 }
 
 /* u + round(gamma * e), then the whole step; *error becomes the new residual. */
@@ -317,11 +357,28 @@ static inline int64_t feedback_step(int64_t u, int64_t *error, int64_t gamma_fx)
 }
 
 typedef struct {
-    int64_t *identity;  /* 0, 1, 2, ...: the slot map that gathers every element */
-    int64_t *gradient, *error, *slot, *codes, *past, *past_error;
+    int64_t *positions, *magnitudes, *gradient, *codes, *error, *past_positions, *past_magnitudes, *past;
 } update_scratch;
 
-enum { UPDATE_ARRAYS = 7 };
+enum { UPDATE_ARRAYS = 8 };
+
+/* code += step unless that leaves [lo, hi] (then the step is dropped); counts (stepped, blocked). */
+static inline void step_code(uint8_t *buf, const qes_layout *layout, int64_t f, const int64_t *params, int64_t offset,
+                             int64_t element, int64_t step, int64_t counts[2]) {
+    if (step == 0)
+        return;
+    int64_t j;
+    const int64_t base = code_address(element, params, offset, &j);
+    const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), step);
+    if (params[CODE_LO] <= moved && moved <= params[CODE_HI]) {
+        write_code(buf, base, j, f, layout, moved);
+        counts[0]++;
+    } else {
+        counts[1]++;
+    }
+}
+
+static inline int64_t rounded_step(int64_t g) { return floor_shift(wrap_add(g, HALF), QES_FRACTION_BITS); }
 
 static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const int64_t *chunk,
                          const qes_noise *noise, const qes_update *update, int16_t *residual,
@@ -330,71 +387,64 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tenso
     const int64_t *info = tensors->info + 3 * t;
     const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
-    const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
-    const int64_t n = end - start;
     const uint64_t key = tensors->keys[t];
     const int64_t *seeds = update->seeds, *weights = update->weights, *supports = update->supports;
     const int64_t pairs = update->pairs, gamma_fx = update->gamma_fx;
     const int feedback = update->feedback, stored = update->stored_residual;
     const int64_t last = update->rows - 1;
-    int64_t *gradient = s->gradient, *error = s->error, *codes;
-    int64_t n_codes;
-    row_gradient(gradient, n, s->identity, key, start, end, supports[last], seeds + last * pairs,
-                 weights + last * pairs, pairs, noise);
+    const int64_t *positions = s->positions, *gradient = s->gradient;
+    const int64_t count = row_gradient(s->gradient, s->positions, s->magnitudes, key, start, end, supports[last],
+                                       seeds + last * pairs, weights + last * pairs, pairs, noise);
+    if (stored)
+        residual += code_base;  /* indexed by element */
     if (stored && gamma_fx != ONE) {
         /* Every stored residual decays, so every code is read and written. */
-        codes = s->identity;
-        n_codes = n;
-    } else {
-        /* A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
-         * starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step). */
-        codes = s->codes;
-        n_codes = 0;
-        for (int64_t i = 0; i < n; i++)
-            if (gradient[i] != 0)
-                codes[n_codes++] = i;
+        int64_t k = 0;
+        for (int64_t element = start; element < end; element++) {
+            int64_t g = 0;
+            if (k < count && positions[k] == element)
+                g = gradient[k++];
+            int64_t error = residual[element];
+            const int64_t step = feedback ? feedback_step(g, &error, gamma_fx) : rounded_step(g);
+            step_code(buf, layout, f, params, offset, element, step, counts);
+            residual[element] = (int16_t)error;  /* |e| <= 1/2 step = 2**14 */
+        }
+        return;
     }
+    /* A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+     * starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step). */
+    int64_t *codes = s->codes, *error = s->error;
+    int64_t n_codes = 0;
+    for (int64_t k = 0; k < count; k++)
+        if (gradient[k] != 0)
+            codes[n_codes++] = k;
     for (int64_t k = 0; k < n_codes; k++)
-        error[codes[k]] = stored ? residual[code_base + start + codes[k]] : 0;
+        error[k] = stored ? residual[positions[codes[k]]] : 0;
     if (!stored && feedback && last > 0) {
-        /* Replay rebuilds the residual only where this iteration's gradient is non-zero. */
-        for (int64_t i = 0; i < n; i++)
-            s->slot[i] = -1;
-        for (int64_t k = 0; k < n_codes; k++) {
-            s->slot[codes[k]] = k;
-            s->past_error[k] = 0;
-        }
+        /* Replay rebuilds the residual only where this iteration's gradient is non-zero: each past
+         * row's sparse gradient is merged into these codes (both lists are in element order). */
         for (int64_t h = 0; h < last; h++) {
-            row_gradient(s->past, n_codes, s->slot, key, start, end, supports[h], seeds + h * pairs,
-                         weights + h * pairs, pairs, noise);
-            for (int64_t k = 0; k < n_codes; k++)
-                (void)feedback_step(s->past[k], &s->past_error[k], gamma_fx);
-        }
-        for (int64_t k = 0; k < n_codes; k++)
-            error[codes[k]] = s->past_error[k];
-    }
-    for (int64_t k = 0; k < n_codes; k++) {
-        const int64_t i = codes[k];
-        int64_t step;
-        if (feedback)
-            step = feedback_step(gradient[i], &error[i], gamma_fx);
-        else
-            step = floor_shift(wrap_add(gradient[i], HALF), QES_FRACTION_BITS);
-        if (step != 0) {
-            int64_t j;
-            const int64_t base = code_address(start + i, params, offset, &j);
-            const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), step);
-            if (lo <= moved && moved <= hi) {
-                write_code(buf, base, j, f, layout, moved);
-                counts[0]++;
-            } else {
-                counts[1]++;
+            const int64_t past_count = row_gradient(s->past, s->past_positions, s->past_magnitudes, key, start, end,
+                                                    supports[h], seeds + h * pairs, weights + h * pairs, pairs,
+                                                    noise);
+            int64_t q = 0;
+            for (int64_t k = 0; k < n_codes; k++) {
+                const int64_t element = positions[codes[k]];
+                while (q < past_count && s->past_positions[q] < element)
+                    q++;
+                const int64_t g = q < past_count && s->past_positions[q] == element ? s->past[q] : 0;
+                (void)feedback_step(g, &error[k], gamma_fx);
             }
         }
     }
+    for (int64_t k = 0; k < n_codes; k++) {
+        const int64_t i = codes[k];
+        const int64_t step = feedback ? feedback_step(gradient[i], &error[k], gamma_fx) : rounded_step(gradient[i]);
+        step_code(buf, layout, f, params, offset, positions[i], step, counts);
+    }
     if (stored)
         for (int64_t k = 0; k < n_codes; k++)
-            residual[code_base + start + codes[k]] = (int16_t)error[codes[k]];  /* |e| <= 1/2 step = 2**14 */
+            residual[positions[codes[k]]] = (int16_t)error[k];  /* |e| <= 1/2 step = 2**14 */
 }
 
 QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const qes_noise *noise,
@@ -409,10 +459,8 @@ QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tens
 #pragma omp parallel num_threads(team) reduction(+ : stepped, blocked)
     {
         int64_t *mine = scratch + UPDATE_ARRAYS * stride * thread_id();
-        const update_scratch s = {mine, mine + stride, mine + 2 * stride, mine + 3 * stride, mine + 4 * stride,
-                                  mine + 5 * stride, mine + 6 * stride};
-        for (int64_t i = 0; i < stride; i++)
-            s.identity[i] = i;
+        const update_scratch s = {mine,              mine + stride,     mine + 2 * stride, mine + 3 * stride,
+                                  mine + 4 * stride, mine + 5 * stride, mine + 6 * stride, mine + 7 * stride};
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++) {
             int64_t chunk_counts[2] = {0, 0};

@@ -119,12 +119,47 @@ def support_seed(seeds: np.ndarray) -> np.int64:
 
 
 @njit(inline="always")
-def chunk_streams(support, seed, key, start):
-    """The streams of chunk ``start // CHUNK`` of tensor ``key``: (support state, sign state, sign of ``seed``)."""
-    chunk = start // CHUNK
+def support_stream(support, key, start):
+    """The support stream of chunk ``start // CHUNK`` of tensor ``key``."""
+    return stream_start(support, key, start // CHUNK)
+
+
+@njit(inline="always")
+def sign_stream(seed, key, start):
+    """The sign stream of ``seed`` in chunk ``start // CHUNK`` of tensor ``key``: (state, sign of ``seed``)."""
     seed_abs = seed if seed > 0 else -seed
     sign = np.int64(1) if seed > 0 else np.int64(-1)
-    return (stream_start(support, key, chunk), stream_start(seed_abs, np.uint64(key) ^ SIGN_SALT, chunk), sign)
+    return stream_start(seed_abs, np.uint64(key) ^ SIGN_SALT, start // CHUNK), sign
+
+
+@njit(inline="always")
+def chunk_streams(support, seed, key, start):
+    """The streams of chunk ``start // CHUNK`` of tensor ``key``: (support state, sign state, sign of ``seed``)."""
+    sign_state, sign = sign_stream(seed, key, start)
+    return support_stream(support, key, start), sign_state, sign
+
+
+@njit(inline="always")
+def next_support(support_state, element, end, gap_tail, guide, magnitude_tail):
+    """The next support code at or after ``element`` and its |delta|: (support state, element, magnitude).
+
+    Element >= end ends the chunk.
+    """
+    support_state, gap = draw_gap(support_state, gap_tail, guide)
+    element += gap
+    if element >= end:
+        return support_state, element, np.int64(0)
+    support_state, magnitude = draw_magnitude(support_state, magnitude_tail)
+    return support_state, element, magnitude
+
+
+@njit(inline="always")
+def signed_delta(sign_state, sign, magnitude):
+    """A seed's delta at its next support code: one fair sign from its stream.  (sign state, delta)."""
+    sign_state, u = next_u64(sign_state)
+    if u >> np.uint64(63):
+        return sign_state, -sign * magnitude
+    return sign_state, sign * magnitude
 
 
 @njit(inline="always")
@@ -133,15 +168,11 @@ def next_delta(support_state, sign_state, element, end, gap_tail, guide, magnitu
 
     Returns (support state, sign state, element, delta); element >= end ends the chunk.
     """
-    support_state, gap = draw_gap(support_state, gap_tail, guide)
-    element += gap
+    support_state, element, magnitude = next_support(support_state, element, end, gap_tail, guide, magnitude_tail)
     if element >= end:
         return support_state, sign_state, element, np.int64(0)
-    support_state, magnitude = draw_magnitude(support_state, magnitude_tail)
-    sign_state, u = next_u64(sign_state)
-    if u >> np.uint64(63):
-        return support_state, sign_state, element, -sign * magnitude
-    return support_state, sign_state, element, sign * magnitude
+    sign_state, delta = signed_delta(sign_state, sign, magnitude)
+    return support_state, sign_state, element, delta
 
 
 class NoiseTable(NamedTuple):

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import chunk_streams, next_delta
+from .noise import next_support, sign_stream, signed_delta, support_stream
 
 FRACTION_BITS = 15
 ONE = 1 << FRACTION_BITS
@@ -73,33 +73,38 @@ def es_update(buf, layout, tensors, noise, update, residual):
 
 
 @njit(inline="always")
-def add_stream(gradient, slot, key, start, end, seed, support, weight, gap_tail, guide, magnitude_tail):
-    """gradient[slot[i]] += weight * delta[start + i] over one seed's stream in this chunk.
-
-    ``slot`` maps a chunk element to its place in ``gradient``, or -1 to skip it.
-    """
-    support_state, sign_state, sign = chunk_streams(support, seed, key, start)
-    element = start
+def chunk_support(positions, magnitudes, support, key, start, end, gap_tail, guide, magnitude_tail):
+    """The chunk's support codes under ``support`` (elements, ascending) and their |delta|; returns how many."""
+    state = support_stream(support, key, start)
+    element, count = start, 0
     while True:
-        support_state, sign_state, element, delta = next_delta(support_state, sign_state, element, end, gap_tail,
-                                                                guide, magnitude_tail, sign)
+        state, element, magnitude = next_support(state, element, end, gap_tail, guide, magnitude_tail)
         if element >= end:
-            break
-        k = slot[element - start]
-        if k >= 0:
-            gradient[k] += weight * delta
+            return count
+        positions[count] = element
+        magnitudes[count] = magnitude
+        count += 1
         element += 1
 
 
 @njit(cache=True)
-def row_gradient(gradient, slot, key, start, end, support, seeds_row, weights_row, noise):
-    """One iteration's g = sum_p w_p * delta_p, gathered through ``slot``."""
-    gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
-    gradient[:] = 0
+def row_gradient(gradient, positions, magnitudes, key, start, end, support, seeds_row, weights_row, noise):
+    """One iteration's g = sum_p w_p * delta_p on the chunk's support: fills ``positions``, ``magnitudes``
+    and ``gradient`` (one entry per support code) and returns how many support codes there are.
+
+    The pairs share the support, so it is drawn once; each pair adds only its signs.
+    """
+    count = chunk_support(positions, magnitudes, support, key, start, end, noise.gap_tail, noise.guide,
+                          noise.magnitude_tail)
+    gradient[:count] = 0
     for p in range(seeds_row.shape[0]):
-        if weights_row[p] != 0:
-            add_stream(gradient, slot, key, start, end, seeds_row[p], support, weights_row[p], gap_tail, guide,
-                       magnitude_tail)
+        weight = weights_row[p]
+        if weight != 0:
+            sign_state, sign = sign_stream(seeds_row[p], key, start)
+            for k in range(count):
+                sign_state, delta = signed_delta(sign_state, sign, magnitudes[k])
+                gradient[k] += weight * delta
+    return count
 
 
 @njit(inline="always")
@@ -108,6 +113,19 @@ def feedback_step(u, error, gamma_fx):
     u += (gamma_fx * error + HALF) >> FRACTION_BITS
     step = (u + HALF) >> FRACTION_BITS
     return step, u - (step << FRACTION_BITS)
+
+
+@njit(inline="always")
+def step_code(buf, layout, f, params, offset, element, step, lo, hi, counts):
+    """code += step unless that leaves [lo, hi] (then the step is dropped); counts (stepped, blocked)."""
+    if step != 0:
+        base, j = code_address(element, f, params, offset)
+        moved = read_code(buf, base, j, f, layout) + step
+        if lo <= moved <= hi:
+            write_code(buf, base, j, f, layout, moved)
+            counts[0] += 1
+        else:
+            counts[1] += 1
 
 
 @njit(cache=True)
@@ -121,44 +139,58 @@ def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
     seeds, weights, supports = update.seeds, update.weights, update.supports
     gamma_fx, feedback, stored = update.gamma_fx, update.feedback, update.stored_residual
     last = seeds.shape[0] - 1
-    identity = np.arange(n)
+    positions = np.empty(n, dtype=np.int64)
+    magnitudes = np.empty(n, dtype=np.int64)
     gradient = np.empty(n, dtype=np.int64)
-    row_gradient(gradient, identity, key, start, end, supports[last], seeds[last], weights[last], noise)
-    error = np.zeros(n, dtype=np.int64)
+    count = row_gradient(gradient, positions, magnitudes, key, start, end, supports[last], seeds[last],
+                         weights[last], noise)
+    residual = residual[code_base:]  # indexed by element
     if stored and gamma_fx != ONE:
         # Every stored residual decays, so every code is read and written.
-        codes = identity
-    else:
-        # A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
-        # starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step).
-        codes = np.flatnonzero(gradient)
+        k = 0
+        for element in range(start, end):
+            g = 0
+            if k < count and positions[k] == element:
+                g = gradient[k]
+                k += 1
+            error = np.int64(residual[element])
+            if feedback:
+                step, error = feedback_step(g, error, gamma_fx)
+            else:
+                step = (g + HALF) >> FRACTION_BITS
+            step_code(buf, layout, f, params, offset, element, step, lo, hi, counts)
+            residual[element] = error
+        return
+    # A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+    # starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step).
+    codes = np.flatnonzero(gradient[:count])
+    error = np.zeros(codes.size, dtype=np.int64)
     if stored:
-        for i in codes:
-            error[i] = residual[code_base + start + i]
+        for k in range(codes.size):
+            error[k] = residual[positions[codes[k]]]
     elif feedback and last > 0:
-        # Replay rebuilds the residual only where this iteration's gradient is non-zero.
-        slot = np.full(n, -1, dtype=np.int64)
-        slot[codes] = np.arange(codes.size)
-        past = np.empty(codes.size, dtype=np.int64)
-        past_error = np.zeros(codes.size, dtype=np.int64)
+        # Replay rebuilds the residual only where this iteration's gradient is non-zero: each past
+        # row's sparse gradient is merged into these codes (both lists are in element order).
+        past_positions = np.empty(n, dtype=np.int64)
+        past_magnitudes = np.empty(n, dtype=np.int64)
+        past = np.empty(n, dtype=np.int64)
         for h in range(last):
-            row_gradient(past, slot, key, start, end, supports[h], seeds[h], weights[h], noise)
+            past_count = row_gradient(past, past_positions, past_magnitudes, key, start, end, supports[h], seeds[h],
+                                      weights[h], noise)
+            q = 0
             for k in range(codes.size):
-                _, past_error[k] = feedback_step(past[k], past_error[k], gamma_fx)
-        error[codes] = past_error
-    for i in codes:
+                element = positions[codes[k]]
+                while q < past_count and past_positions[q] < element:
+                    q += 1
+                g = past[q] if q < past_count and past_positions[q] == element else 0
+                _, error[k] = feedback_step(g, error[k], gamma_fx)
+    for k in range(codes.size):
+        i = codes[k]
         if feedback:
-            step, error[i] = feedback_step(gradient[i], error[i], gamma_fx)
+            step, error[k] = feedback_step(gradient[i], error[k], gamma_fx)
         else:
             step = (gradient[i] + HALF) >> FRACTION_BITS
-        if step != 0:
-            base, j = code_address(start + i, f, params, offset)
-            moved = read_code(buf, base, j, f, layout) + step
-            if lo <= moved <= hi:
-                write_code(buf, base, j, f, layout, moved)
-                counts[0] += 1
-            else:
-                counts[1] += 1
+        step_code(buf, layout, f, params, offset, positions[i], step, lo, hi, counts)
     if stored:
-        for i in codes:
-            residual[code_base + start + i] = error[i]
+        for k in range(codes.size):
+            residual[positions[codes[k]]] = error[k]
