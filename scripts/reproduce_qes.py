@@ -1,6 +1,7 @@
 """The learning study: QES against its control and full-precision ES, on two tasks and several seeds.
 
     python scripts/reproduce_qes.py [--quick] [--seeds 0,1,2] [--tasks arithmetic,successor]
+                                    [--more-seeds TASK=SEEDS ...]
                                     [--arms qes,no-ef,fp] [--set NAME=VALUE ...]
                                     [--jobs N] [--threads N] [--work DIR] [--json F] [--png F]
 
@@ -37,6 +38,9 @@ a skill, not a format).  ``--long N`` adds a QES run of N iterations (on
 ``--long-task``, the first seed) and reports its accuracy by 30 minutes of
 training (or at its end) against its first evaluation from minute 5 on,
 paired over the items.
+
+``--more-seeds arithmetic=3,4,5`` runs those seeds on that task only (all
+arms), and pools that task over its own seeds.
 
 ``--set`` changes a setting in every cell (say ``--set sigma=0.05 --set
 alpha=0.1`` for another regime; give each combination its own --work), and
@@ -292,7 +296,7 @@ def plot(report: dict, results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for arm in report["arms"]:
-            curves = [results[task, arm, seed]["curve"] for seed in report["seeds"]]
+            curves = [results[task, arm, seed]["curve"] for seed in report["seeds_by_task"][task]]
             for curve in curves:
                 ax.plot([p["seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], color=COLORS[arm],
                         alpha=0.3, linewidth=0.8)
@@ -305,7 +309,8 @@ def plot(report: dict, results: dict, path: Path) -> None:
             curve = results[task, "long", long["seed"]]["curve"]
             ax.plot([p["seconds"] / 60 for p in curve], [p["accuracy"] for p in curve], color=COLORS["long"],
                     linewidth=1, label=f"QES, {long['iterations']} iterations (seed {long['seed']})")
-        ax.set_title(f"{task}: held-out accuracy, seeds {', '.join(map(str, report['seeds']))}", fontsize=9)
+        ax.set_title(f"{task}: held-out accuracy, seeds {', '.join(map(str, report['seeds_by_task'][task]))}",
+                     fontsize=9)
         ax.set_xlabel("minutes of training (held-out evaluations excluded)")
         ax.set_ylabel("held-out accuracy")
         ax.legend(fontsize=8)
@@ -324,11 +329,11 @@ def print_tables(report: dict) -> None:
     b = report["budget"]
     print(f"\nbudget per cell: {b['iterations']} iterations x population {b['population']} x batch {b['batch']}, "
           f"sigma {b['sigma']}, alpha {b['alpha']}, decay {b['decay']}, held-out n = {b['heldout']}, "
-          f"seeds {report['seeds']}")
+          f"seeds {report['seeds_by_task']}")
     for task, s in report["summary"].items():
         form = report["base_in_form"][task]
         print(f"\n{task}: base model answers in the asked-for form {form['in_form']:.2f} ± {form['in_form_se']:.2f}"
-              f" (n = {form['n']} x {len(report['seeds'])} seeds)")
+              f" (n = {form['n']} x {len(s['seeds'])} seeds)")
         print(f"{'arm':<28} {'pooled change ± SE':>20}   per seed")
         for arm in report["arms"]:
             key = GAIN_KEYS[arm]
@@ -360,6 +365,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"tiny budget {QUICK}, for regular checks")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default="arithmetic,successor")
+    parser.add_argument("--more-seeds", action="append", default=[], metavar="TASK=SEEDS",
+                        help="more seeds for one task only, say arithmetic=3,4,5")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"of {', '.join(ARMS)}")
     parser.add_argument("--long", type=int, default=0, metavar="N", help="add a QES run of N iterations")
     parser.add_argument("--long-task", default=None, help="the long run's task (default: the first task)")
@@ -378,6 +385,12 @@ def main() -> None:
     arms = args.arms.split(",")
     if not set(arms) <= set(ARMS):
         raise SystemExit(f"--arms: each of {', '.join(ARMS)}, not {args.arms}")
+    task_seeds = {task: list(seeds) for task in tasks}
+    for given in args.more_seeds:
+        task, _, more = given.partition("=")
+        if task not in task_seeds or not more:
+            raise SystemExit(f"--more-seeds {given}: TASK=SEEDS with TASK one of {', '.join(tasks)}")
+        task_seeds[task] += [int(x) for x in more.split(",") if int(x) not in task_seeds[task]]
     base = Settings(threads=args.threads, **(QUICK if args.quick else {}), **dict(map(setting_value, args.set)))
     base.check()
 
@@ -391,7 +404,7 @@ def main() -> None:
             task, arm, seed = args.cell
             cell(source, settings_of(task, arm, int(seed)), arm, work / f"{task}-{arm}-{seed}")
             return
-        cells = [(t, a, s) for s in seeds for t in tasks for a in arms]
+        cells = [(t, a, s) for t in tasks for s in task_seeds[t] for a in arms]
         long_task = args.long_task or tasks[0]
         if args.long:
             cells.append((long_task, "long", seeds[0]))
@@ -419,17 +432,17 @@ def main() -> None:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool:
             results = dict(zip(cells, pool.map(compute, cells)))
         report = {"model": source.name, "quick": args.quick, "versions": versions(), "seeds": seeds, "tasks": tasks,
-                  "arms": arms,
+                  "seeds_by_task": task_seeds, "arms": arms,
                   "budget": {k: getattr(base, k) for k in ("iterations", "population", "batch", "heldout", "sigma",
                                                            "alpha", "decay", "shaping", "eval_every")},
                   "threads": args.threads, "jobs": args.jobs}
         report["base_in_form"] = {}
         for task in tasks:
-            rates = [base_form_rate(source, settings_of(task, "qes", s)) for s in seeds]
+            rates = [base_form_rate(source, settings_of(task, "qes", s)) for s in task_seeds[task]]
             rate, se = pooled([(r["in_form"], r["in_form_se"]) for r in rates])
             report["base_in_form"][task] = {"in_form": rate, "in_form_se": se, "n": rates[0]["n"],
                                             "samples": rates[0]["samples"]}
-        report["summary"] = {task: summarize(results, task, seeds, arms) for task in tasks}
+        report["summary"] = {task: summarize(results, task, task_seeds[task], arms) for task in tasks}
         if args.long:
             report["long"] = {"task": long_task, "seed": seeds[0], "iterations": args.long,
                               **still_learning(results[long_task, "long", seeds[0]]["curve"])}
