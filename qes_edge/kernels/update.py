@@ -68,7 +68,7 @@ def es_update(buf, layout, tensors, noise, update, residual):
     chunks = tensors.chunks
     counts = np.zeros((chunks.shape[0], 2), dtype=np.int64)
     for c in prange(chunks.shape[0]):
-        update_chunk(buf, layout, tensors, chunks[c], noise, update, residual, counts[c])
+        counts[c, 0], counts[c, 1] = update_chunk(buf, layout, tensors, chunks[c], noise, update, residual)
     return counts[:, 0].sum(), counts[:, 1].sum()
 
 
@@ -115,21 +115,9 @@ def feedback_step(u, error, gamma_fx):
     return step, u - (step << FRACTION_BITS)
 
 
-@njit(inline="always")
-def step_code(buf, layout, f, params, offset, element, step, lo, hi, counts):
-    """code += step unless that leaves [lo, hi] (then the step is dropped); counts (stepped, blocked)."""
-    if step != 0:
-        base, j = code_address(element, f, params, offset)
-        moved = read_code(buf, base, j, f, layout) + step
-        if lo <= moved <= hi:
-            write_code(buf, base, j, f, layout, moved)
-            counts[0] += 1
-        else:
-            counts[1] += 1
-
-
 @njit(cache=True)
-def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
+def update_chunk(buf, layout, tensors, chunk, noise, update, residual):
+    """One chunk of :func:`es_update`; returns (codes stepped, steps blocked)."""
     params = layout.params
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensors.info[t, 0], tensors.info[t, 1], tensors.info[t, 2]
@@ -144,30 +132,21 @@ def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
     gradient = np.empty(n, dtype=np.int64)
     count = row_gradient(gradient, positions, magnitudes, key, start, end, supports[last], seeds[last],
                          weights[last], noise)
-    residual = residual[code_base:]  # indexed by element
     if stored and gamma_fx != ONE:
         # Every stored residual decays, so every code is read and written.
-        k = 0
-        for element in range(start, end):
-            g = 0
-            if k < count and positions[k] == element:
-                g = gradient[k]
-                k += 1
-            error = np.int64(residual[element])
-            if feedback:
-                step, error = feedback_step(g, error, gamma_fx)
-            else:
-                step = (g + HALF) >> FRACTION_BITS
-            step_code(buf, layout, f, params, offset, element, step, lo, hi, counts)
-            residual[element] = error
-        return
-    # A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
-    # starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step).
-    codes = np.flatnonzero(gradient[:count])
-    error = np.zeros(codes.size, dtype=np.int64)
+        elements = np.arange(start, end)
+        g = np.zeros(n, dtype=np.int64)
+        g[positions[:count] - start] = gradient[:count]
+    else:
+        # A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+        # starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step).
+        nonzero = np.flatnonzero(gradient[:count])
+        elements = positions[nonzero]
+        g = gradient[nonzero]
+    error = np.zeros(elements.size, dtype=np.int64)
     if stored:
-        for k in range(codes.size):
-            error[k] = residual[positions[codes[k]]]
+        for k in range(elements.size):
+            error[k] = residual[code_base + elements[k]]
     elif feedback and last > 0:
         # Replay rebuilds the residual only where this iteration's gradient is non-zero: each past
         # row's sparse gradient is merged into these codes (both lists are in element order).
@@ -178,19 +157,26 @@ def update_chunk(buf, layout, tensors, chunk, noise, update, residual, counts):
             past_count = row_gradient(past, past_positions, past_magnitudes, key, start, end, supports[h], seeds[h],
                                       weights[h], noise)
             q = 0
-            for k in range(codes.size):
-                element = positions[codes[k]]
-                while q < past_count and past_positions[q] < element:
+            for k in range(elements.size):
+                while q < past_count and past_positions[q] < elements[k]:
                     q += 1
-                g = past[q] if q < past_count and past_positions[q] == element else 0
-                _, error[k] = feedback_step(g, error[k], gamma_fx)
-    for k in range(codes.size):
-        i = codes[k]
+                past_g = past[q] if q < past_count and past_positions[q] == elements[k] else 0
+                _, error[k] = feedback_step(past_g, error[k], gamma_fx)
+    stepped = blocked = 0
+    for k in range(elements.size):
         if feedback:
-            step, error[k] = feedback_step(gradient[i], error[k], gamma_fx)
+            step, error[k] = feedback_step(g[k], error[k], gamma_fx)
         else:
-            step = (gradient[i] + HALF) >> FRACTION_BITS
-        step_code(buf, layout, f, params, offset, positions[i], step, lo, hi, counts)
+            step = (g[k] + HALF) >> FRACTION_BITS
+        if step != 0:
+            base, j = code_address(elements[k], f, params, offset)
+            moved = read_code(buf, base, j, f, layout) + step
+            if lo <= moved <= hi:
+                write_code(buf, base, j, f, layout, moved)
+                stepped += 1
+            else:
+                blocked += 1
     if stored:
-        for k in range(codes.size):
-            residual[positions[codes[k]]] = error[k]
+        for k in range(elements.size):
+            residual[code_base + elements[k]] = error[k]
+    return stepped, blocked
