@@ -357,28 +357,10 @@ static inline int64_t feedback_step(int64_t u, int64_t *error, int64_t gamma_fx)
 }
 
 typedef struct {
-    int64_t *positions, *magnitudes, *gradient, *codes, *error, *past_positions, *past_magnitudes, *past;
+    int64_t *positions, *magnitudes, *gradient, *elements, *g, *error, *past_positions, *past_magnitudes, *past;
 } update_scratch;
 
-enum { UPDATE_ARRAYS = 8 };
-
-/* code += step unless that leaves [lo, hi] (then the step is dropped); counts (stepped, blocked). */
-static inline void step_code(uint8_t *buf, const qes_layout *layout, int64_t f, const int64_t *params, int64_t offset,
-                             int64_t element, int64_t step, int64_t counts[2]) {
-    if (step == 0)
-        return;
-    int64_t j;
-    const int64_t base = code_address(element, params, offset, &j);
-    const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), step);
-    if (params[CODE_LO] <= moved && moved <= params[CODE_HI]) {
-        write_code(buf, base, j, f, layout, moved);
-        counts[0]++;
-    } else {
-        counts[1]++;
-    }
-}
-
-static inline int64_t rounded_step(int64_t g) { return floor_shift(wrap_add(g, HALF), QES_FRACTION_BITS); }
+enum { UPDATE_ARRAYS = 9 };
 
 static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const int64_t *chunk,
                          const qes_noise *noise, const qes_update *update, int16_t *residual,
@@ -387,39 +369,35 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tenso
     const int64_t *info = tensors->info + 3 * t;
     const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
+    const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
     const uint64_t key = tensors->keys[t];
     const int64_t *seeds = update->seeds, *weights = update->weights, *supports = update->supports;
     const int64_t pairs = update->pairs, gamma_fx = update->gamma_fx;
     const int feedback = update->feedback, stored = update->stored_residual;
     const int64_t last = update->rows - 1;
-    const int64_t *positions = s->positions, *gradient = s->gradient;
     const int64_t count = row_gradient(s->gradient, s->positions, s->magnitudes, key, start, end, supports[last],
                                        seeds + last * pairs, weights + last * pairs, pairs, noise);
-    if (stored)
-        residual += code_base;  /* indexed by element */
+    int64_t *elements = s->elements, *g = s->g, *error = s->error;
+    int64_t n_elements = 0;
     if (stored && gamma_fx != ONE) {
         /* Every stored residual decays, so every code is read and written. */
-        int64_t k = 0;
         for (int64_t element = start; element < end; element++) {
-            int64_t g = 0;
-            if (k < count && positions[k] == element)
-                g = gradient[k++];
-            int64_t error = residual[element];
-            const int64_t step = feedback ? feedback_step(g, &error, gamma_fx) : rounded_step(g);
-            step_code(buf, layout, f, params, offset, element, step, counts);
-            residual[element] = (int16_t)error;  /* |e| <= 1/2 step = 2**14 */
+            elements[n_elements] = element;
+            g[n_elements++] = 0;
         }
-        return;
+        for (int64_t k = 0; k < count; k++)
+            g[s->positions[k] - start] = s->gradient[k];
+    } else {
+        /* A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
+         * starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step). */
+        for (int64_t k = 0; k < count; k++)
+            if (s->gradient[k] != 0) {
+                elements[n_elements] = s->positions[k];
+                g[n_elements++] = s->gradient[k];
+            }
     }
-    /* A code without gradient now keeps its residual (gamma = 1) or has none to keep (replay
-     * starts from zero, and with gamma <= 1 and |e| <= 1/2 such a code cannot step). */
-    int64_t *codes = s->codes, *error = s->error;
-    int64_t n_codes = 0;
-    for (int64_t k = 0; k < count; k++)
-        if (gradient[k] != 0)
-            codes[n_codes++] = k;
-    for (int64_t k = 0; k < n_codes; k++)
-        error[k] = stored ? residual[positions[codes[k]]] : 0;
+    for (int64_t k = 0; k < n_elements; k++)
+        error[k] = stored ? residual[code_base + elements[k]] : 0;
     if (!stored && feedback && last > 0) {
         /* Replay rebuilds the residual only where this iteration's gradient is non-zero: each past
          * row's sparse gradient is merged into these codes (both lists are in element order). */
@@ -428,23 +406,35 @@ static void update_chunk(uint8_t *buf, const qes_layout *layout, const qes_tenso
                                                     supports[h], seeds + h * pairs, weights + h * pairs, pairs,
                                                     noise);
             int64_t q = 0;
-            for (int64_t k = 0; k < n_codes; k++) {
-                const int64_t element = positions[codes[k]];
-                while (q < past_count && s->past_positions[q] < element)
+            for (int64_t k = 0; k < n_elements; k++) {
+                while (q < past_count && s->past_positions[q] < elements[k])
                     q++;
-                const int64_t g = q < past_count && s->past_positions[q] == element ? s->past[q] : 0;
-                (void)feedback_step(g, &error[k], gamma_fx);
+                const int64_t past_g = q < past_count && s->past_positions[q] == elements[k] ? s->past[q] : 0;
+                (void)feedback_step(past_g, &error[k], gamma_fx);
             }
         }
     }
-    for (int64_t k = 0; k < n_codes; k++) {
-        const int64_t i = codes[k];
-        const int64_t step = feedback ? feedback_step(gradient[i], &error[k], gamma_fx) : rounded_step(gradient[i]);
-        step_code(buf, layout, f, params, offset, positions[i], step, counts);
+    for (int64_t k = 0; k < n_elements; k++) {
+        int64_t step;
+        if (feedback)
+            step = feedback_step(g[k], &error[k], gamma_fx);
+        else
+            step = floor_shift(wrap_add(g[k], HALF), QES_FRACTION_BITS);
+        if (step != 0) {
+            int64_t j;
+            const int64_t base = code_address(elements[k], params, offset, &j);
+            const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), step);
+            if (lo <= moved && moved <= hi) {
+                write_code(buf, base, j, f, layout, moved);
+                counts[0]++;
+            } else {
+                counts[1]++;
+            }
+        }
     }
     if (stored)
-        for (int64_t k = 0; k < n_codes; k++)
-            residual[positions[codes[k]]] = (int16_t)error[k];  /* |e| <= 1/2 step = 2**14 */
+        for (int64_t k = 0; k < n_elements; k++)
+            residual[code_base + elements[k]] = (int16_t)error[k];  /* |e| <= 1/2 step = 2**14 */
 }
 
 QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors, const qes_noise *noise,
@@ -459,8 +449,15 @@ QES_API int qes_es_update(uint8_t *buf, const qes_layout *layout, const qes_tens
 #pragma omp parallel num_threads(team) reduction(+ : stepped, blocked)
     {
         int64_t *mine = scratch + UPDATE_ARRAYS * stride * thread_id();
-        const update_scratch s = {mine,              mine + stride,     mine + 2 * stride, mine + 3 * stride,
-                                  mine + 4 * stride, mine + 5 * stride, mine + 6 * stride, mine + 7 * stride};
+        const update_scratch s = {mine,
+                                  mine + stride,
+                                  mine + 2 * stride,
+                                  mine + 3 * stride,
+                                  mine + 4 * stride,
+                                  mine + 5 * stride,
+                                  mine + 6 * stride,
+                                  mine + 7 * stride,
+                                  mine + 8 * stride};
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++) {
             int64_t chunk_counts[2] = {0, 0};
