@@ -9,7 +9,7 @@
  *
  * Both files are a run of named arrays: char name[16] (NUL-padded), int64 item size, int64 count, then
  * count items, little-endian.  CASE_FILE holds the arrays read below by name; "ops" is int64 [n][6]:
- *   (0, seed, restore, support, -, -)               qes_perturb_codes
+ *   (0, undo seed, apply seed, support, -, -)       qes_perturb_codes
  *   (1, first row, end row, feedback, stored, gamma_fx)   qes_es_update on those rows of seeds/supports/weights
  *   (2, -, -, -, -, -)                              back to the case's buf and residual, gating bits cleared
  * After each operation OUT_FILE gets "result" (int64 [2]: codes changed and 0, or stepped and blocked,
@@ -113,7 +113,7 @@ int main(int argc, char **argv) {
     for (const int64_t *op = ops; op < ops + n_ops; op += 6) {
         int64_t result[2] = {0, 0};
         if (op[0] == 0) {
-            result[0] = qes_perturb_codes(buf, &layout, &tensors, &noise, op[1], op[3], gated, (int)op[2], threads);
+            result[0] = qes_perturb_codes(buf, &layout, &tensors, &noise, op[1], op[2], op[3], gated, threads);
         } else if (op[0] == 1) {
             qes_update update = {seeds + op[1] * pairs, supports + op[1], weights + op[1] * pairs, op[2] - op[1],
                                  pairs, op[5], (int)op[3], (int)op[4]};

@@ -236,75 +236,84 @@ static int64_t longest_chunk(const qes_tensors *tensors) {
 /* ---- perturb.py ----------------------------------------------------------------------------- */
 
 static int64_t perturb_chunk(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
-                             const int64_t *chunk, const qes_noise *noise, int64_t seed, int64_t support,
-                             uint8_t *gated, int restore, int64_t *elements, int64_t *deltas) {
+                             const int64_t *chunk, const qes_noise *noise, int64_t undo, int64_t apply,
+                             int64_t support, uint8_t *gated, int64_t *elements, int64_t *taken, int64_t *given) {
     const int64_t t = chunk[0], start = chunk[1], end = chunk[2];
     const int64_t *info = tensors->info + 3 * t;
     const int64_t offset = info[0], f = info[1], code_base = info[2];
     const int64_t *params = params_of(layout, f);
     const int64_t lo = params[CODE_LO], hi = params[CODE_HI];
+    const uint64_t key = tensors->keys[t];
     /* Draw the chunk's deltas first, then touch memory: independent loads overlap. */
     int64_t count = 0;
-    delta_stream d = chunk_streams(support, seed, tensors->keys[t], start);
+    uint64_t support_state = support_stream(support, key, start);
+    uint64_t undo_state = sign_stream(undo, key, start), apply_state = sign_stream(apply, key, start);
+    const int64_t undo_sign = sign_of(undo), apply_sign = sign_of(apply);
     int64_t element = start;
     for (;;) {
-        const int64_t delta = next_delta(&d, &element, end, noise);
+        const int64_t magnitude = next_support(&support_state, &element, end, noise);
         if (element >= end)
             break;
-        deltas[count] = delta;
         elements[count] = element;
+        taken[count] = undo != 0 ? signed_delta(&undo_state, undo_sign, magnitude) : 0;
+        given[count] = apply != 0 ? signed_delta(&apply_state, apply_sign, magnitude) : 0;
         /* The codes are scattered over the model: start fetching each one now, so that the misses overlap. */
         int64_t j;
         PREFETCH_FOR_WRITE(buf + code_address(element, params, offset, &j));
-        if (restore)
+        if (undo != 0)
             PREFETCH_FOR_WRITE(gated + ((code_base + element) >> 3));
         count++;
         element++;
     }
-    int64_t n = 0;
+    int64_t restored = 0, applied = 0;
     for (int64_t k = 0; k < count; k++) {
         int64_t j;
         const int64_t base = code_address(elements[k], params, offset, &j);
         const int64_t index = code_base + elements[k];
         const uint8_t bit = (uint8_t)(1u << (index & 7));
-        if (restore) {
+        const int64_t code = read_code(buf, base, j, f, layout);
+        int64_t moved = code;
+        if (undo != 0) {
             if (gated[index >> 3] & bit) {
                 gated[index >> 3] &= (uint8_t)~bit;
             } else {
-                write_code(buf, base, j, f, layout, wrap_sub(read_code(buf, base, j, f, layout), deltas[k]));
-                n++;
+                moved = wrap_sub(moved, taken[k]);
+                restored++;
             }
-        } else {
-            const int64_t moved = wrap_add(read_code(buf, base, j, f, layout), deltas[k]);
-            if (lo <= moved && moved <= hi) {
-                write_code(buf, base, j, f, layout, moved);
-                n++;
+        }
+        if (apply != 0) {
+            const int64_t candidate = wrap_add(moved, given[k]);
+            if (lo <= candidate && candidate <= hi) {
+                moved = candidate;
+                applied++;
             } else {
                 gated[index >> 3] |= bit;
             }
         }
+        if (moved != code)
+            write_code(buf, base, j, f, layout, moved);
     }
-    return n;
+    return apply != 0 ? applied : restored;
 }
 
 QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
-                                  const qes_noise *noise, int64_t seed, int64_t support, uint8_t *gated, int restore,
-                                  int threads) {
+                                  const qes_noise *noise, int64_t undo, int64_t apply, int64_t support,
+                                  uint8_t *gated, int threads) {
     const int team = team_size(threads);
     const int64_t n_chunks = tensors->n_chunks;
     const int64_t stride = longest_chunk(tensors);
-    int64_t *scratch = malloc(sizeof(int64_t) * 2 * (size_t)stride * (size_t)team);
+    int64_t *scratch = malloc(sizeof(int64_t) * 3 * (size_t)stride * (size_t)team);
     if (scratch == NULL)
         return -1;
     int64_t changed = 0;
 #pragma omp parallel num_threads(team) reduction(+ : changed)
     {
-        int64_t *elements = scratch + 2 * stride * thread_id();
-        int64_t *deltas = elements + stride;
+        int64_t *elements = scratch + 3 * stride * thread_id();
+        int64_t *taken = elements + stride, *given = taken + stride;
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < n_chunks; c++)
-            changed += perturb_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, seed, support, gated,
-                                     restore, elements, deltas);
+            changed += perturb_chunk(buf, layout, tensors, tensors->chunks + 3 * c, noise, undo, apply, support,
+                                     gated, elements, taken, given);
     }
     free(scratch);
     return changed;

@@ -22,7 +22,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or struct below changes; the loader refuses a stale library. */
-#define QES_ABI_VERSION 3
+#define QES_ABI_VERSION 4
 
 /* The determinism contract shared with noise.py and update.py. */
 #define QES_CHUNK 8192
@@ -76,12 +76,12 @@ QES_API void qes_constants(int64_t out[4]);
 QES_API int64_t qes_sample_tensor(int64_t seed, int64_t support, uint64_t key, int64_t n_elements,
                                   const qes_noise *noise, int64_t *positions, int8_t *deltas, int64_t capacity);
 
-/* perturb.perturb_codes: apply (restore == 0) or undo the perturbation of `seed` on the support of `support`;
- * returns codes changed, or -1 (nothing touched) when scratch memory cannot be allocated.
- * threads <= 0: OpenMP's default. */
+/* perturb.perturb_codes: take the perturbation of seed `undo` off and put that of seed `apply` on (0: none), both
+ * on the support of `support`, in one walk; returns the codes `apply` changed (with no `apply`, the codes
+ * restored), or -1 (nothing touched) when scratch memory cannot be allocated.  threads <= 0: OpenMP's default. */
 QES_API int64_t qes_perturb_codes(uint8_t *buf, const qes_layout *layout, const qes_tensors *tensors,
-                                  const qes_noise *noise, int64_t seed, int64_t support, uint8_t *gated, int restore,
-                                  int threads);
+                                  const qes_noise *noise, int64_t undo, int64_t apply, int64_t support,
+                                  uint8_t *gated, int threads);
 
 /* update.es_update: residual holds one int16 per code when update->stored_residual, else it is not touched.
  * counts = (stepped, blocked).  Returns 0, or -1 (nothing touched) when scratch memory cannot be allocated. */

@@ -51,21 +51,42 @@ class Replica:
         except BaseException:
             copy.close()
             raise
+        self.copy.space.threads = self.evaluator.n_threads  # its kernels keep to its share of the cores
         self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens, prompts)
+        self.worn: tuple[int, int] | None = None  # (seed, support) of a perturbation left on the copy
 
-    def rewards(self, signed_seed: int, iteration: int) -> list[float]:
-        """Per-prompt rewards of checkpoint + perturbation(signed_seed) on the iteration's batch; restored after."""
+    def rewards(self, signed_seed: int, iteration: int, keep: bool = False) -> list[float]:
+        """Per-prompt rewards of checkpoint + perturbation(signed_seed) on the iteration's batch.
+
+        The perturbation is restored after, or with ``keep`` left on the copy
+        until :meth:`take_off`, or the next candidate's in one walk of the
+        iteration's support, replaces it.
+        """
         s = self.settings
         items = iteration_batch(self.task, s.seed, iteration, s.batch)
         support = support_seed(iteration_seeds(s.seed, iteration, s.population // 2))
-        self.copy.space.perturb(signed_seed, support)
+        if self.worn is not None and self.worn[1] == support:
+            self.copy.space.swap(self.worn[0], signed_seed, support)
+        else:
+            self.take_off()
+            self.copy.space.perturb(signed_seed, support)
+        self.worn = (signed_seed, support)
         crash_point("perturb")
         try:
             rewards = self.scorer.rewards(items)
             crash_point("evaluate")
-        finally:
-            self.copy.space.restore(signed_seed, support)
+        except BaseException:
+            self.take_off()
+            raise
+        if not keep:
+            self.take_off()
         return rewards
+
+    def take_off(self) -> None:
+        """Restore the perturbation :meth:`rewards` left on the copy, if any: the copy is the checkpoint again."""
+        if self.worn is not None:
+            self.copy.space.restore(*self.worn)
+            self.worn = None
 
     def apply(self, history: list) -> tuple[int, int]:
         """This iteration's update (the last row of ``history``); returns (codes stepped, steps blocked)."""
@@ -124,8 +145,12 @@ class LocalPopulation:
     def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
         candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1)]
         try:
-            rewards = self._share(candidates, lambda replica, c: replica.rewards(c[1] * int(seeds[c[0]]), iteration),
-                                  stop)
+            try:
+                rewards = self._share(candidates, lambda replica, c: replica.rewards(c[1] * int(seeds[c[0]]),
+                                                                                     iteration, keep=True), stop)
+            finally:
+                for replica in self.replicas:
+                    replica.take_off()
         except QesError:
             self.copy.mark_clean()  # every candidate was restored: the copy is the checkpoint again
             raise

@@ -15,8 +15,10 @@ Each store's ``update(space, history, gamma)`` takes the whole history of
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ SIDECAR_MAGIC = b"QESRESID"
 SIDECAR_VERSION = 1
 _HEADER = struct.Struct("<8sIIQqI32s")  # magic, version, fraction bits, codes, updates held, busy, model header
 HEADER_BYTES = 128
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (Python's mmap module does not name it)
 
 
 class NoResidual:
@@ -75,16 +78,40 @@ class SidecarResidual:
             self._create()
         self._check_header()
 
-    def mapped(self) -> np.memmap:
-        """The stored residual, one int16 per code, mapped read-write until the array is dropped."""
-        return np.memmap(self.path, dtype=np.int16, mode="r+", offset=HEADER_BYTES, shape=(self.n_codes,))
+    def mapped(self) -> np.ndarray:
+        """The stored residual, one int16 per code, mapped read-write until the array is dropped.
+
+        An update touches nearly every page of it (its support is spread over
+        the whole model), so the pages are mapped writable in one call up front
+        rather than one fault at a time, which halves an update's time.
+        """
+        with open(self.path, "r+b") as f:
+            view = mmap.mmap(f.fileno(), 0)
+        if sys.platform == "linux":
+            try:
+                view.madvise(_MADV_POPULATE_WRITE)
+            except OSError:  # Linux before 5.14: the pages fault in one at a time
+                pass
+        return np.frombuffer(view, dtype=np.int16, count=self.n_codes, offset=HEADER_BYTES)
 
     def _create(self) -> None:
+        """Zeros, with the disk blocks reserved now (where the file system can): a full disk is an error
+        here, not a fault half way through an update.  The zero pages are made here too, once per run,
+        rather than by the first update."""
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(self._header(updates=0, busy=False))
-            f.truncate(HEADER_BYTES + 2 * self.n_codes)  # sparse zeros: no RAM, no writes
-        tmp.replace(self.path)
+        size = HEADER_BYTES + 2 * self.n_codes
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self._header(updates=0, busy=False))
+                f.truncate(size)  # zeros, no writes
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, size)
+            tmp.replace(self.path)
+            self.mapped()  # dropped at once: only the page cache keeps its pages
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise QesError(f"{self.path}: cannot make the {size / 2**20:.0f} MiB residual sidecar: "
+                           f"{e.strerror or e}") from None
 
     def _header(self, updates: int, busy: bool) -> bytes:
         fields = _HEADER.pack(SIDECAR_MAGIC, SIDECAR_VERSION, FRACTION_BITS, self.n_codes, updates, int(busy),

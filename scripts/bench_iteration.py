@@ -5,7 +5,8 @@
 Time: real training runs with the default settings (`qes_edge.settings.Settings`,
 overridable), timed from outside the loop by wrapping the pieces it calls:
 llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
-and everything QES adds (perturb, restore, the update, the mirrors' copy of
+and everything QES adds (perturb, swap and restore: every walk of a
+candidate's support, as one piece; the update, the mirrors' copy of
 the updated bytes, checkpoint and metrics writes).  The held-out evaluations
 are reporting, not training, and are left out of the iteration time (shown
 on their own line), as are the one sync of the working copy and the residual
@@ -17,8 +18,8 @@ metrics writes.  Two runs, side by side: one replica with every core's thread
 (the path before ``--parallel``) and the default (``qes_edge.preflight``:
 one replica per core); ``speedup_vs_single_replica`` is the ratio of their
 iteration times, and their tuned weights must be the same bytes.  With
-several replicas, perturb and restore run on every replica at once, so
-their seconds (summed over replicas) count 1/replicas towards the overhead;
+several replicas, the walks run on every replica at once, so their
+seconds (summed over replicas) count 1/replicas towards the overhead;
 the update and the writes run alone and count in full.
 
 Memory: three fresh processes on the same model, prompts and evaluator:
@@ -109,8 +110,7 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     clock = Clock()
     clock.wrap(Scorer, "rewards", "inference")
     clock.wrap(LocalPopulation, "heldout", "held-out evaluation")
-    clock.wrap(CodeSpace, "perturb", "perturb")
-    clock.wrap(CodeSpace, "restore", "restore")
+    clock.wrap(CodeSpace, "swap", "perturb")  # CodeSpace.perturb and .restore are swaps too
     clock.wrap(SidecarResidual, "update", "update")
     clock.wrap(ReplayResidual, "update", "update")
     clock.wrap(Mirror, "follow", "follow")
@@ -137,10 +137,10 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     iteration = sum(m["score_s"] + m["update_s"] for m in steps) / n + writes
     setup = total - heldout - sync - n * iteration
     inference = seconds["inference"] / n  # summed over the replicas
-    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "restore", "update", "follow", "checkpoint", "metrics")}
-    on_every_replica = {"perturb", "restore"}
+    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "update", "follow", "checkpoint", "metrics")}
+    on_every_replica = {"perturb"}
     overhead = sum(v / (replicas if k in on_every_replica else 1) for k, v in qes.items())
-    other = iteration - (inference + qes["perturb"] + qes["restore"]) / replicas - \
+    other = iteration - (inference + qes["perturb"]) / replicas - \
         sum(v for k, v in qes.items() if k not in on_every_replica)
     return {"replicas": replicas, "threads": threads, "iteration_s": iteration, "inference_s": inference,
             "qes_s": qes, "other_s": other,

@@ -108,6 +108,16 @@ def bench_kernel_set(kernels, buf, slots, model, history, workdir, args):
         space.restore(seed, seed + 1)
 
     perturb_restore_ms = timed(perturb_restore, 5 if args.quick else 21)
+    worn = [1]
+    space.perturb(worn[0], 5)
+
+    def swap():  # from one candidate of an iteration to the next: one walk of their shared support
+        seed = next(seeds)
+        space.swap(worn[0], seed, 5)
+        worn[0] = seed
+
+    swap_ms = timed(swap, 5 if args.quick else 21)
+    space.restore(worn[0], 5)
 
     def sidecar_ms(gamma):
         sidecar = SidecarResidual(workdir / f"residual-{kernels}-{gamma}.bin", model.header_sha256, space.n_codes)
@@ -127,6 +137,7 @@ def bench_kernel_set(kernels, buf, slots, model, history, workdir, args):
     update_replay_ms = timed(lambda: replay.update(space, history, 0.9), 1 if args.quick else 3)
     return space, {
         "perturb_restore_ms": round(perturb_restore_ms, 2),
+        "swap_ms": round(swap_ms, 2),
         "update_ms": {"sidecar": round(update_sidecar_ms, 1), "sidecar_decay_0.9": round(update_decay_ms, 1),
                       "replay": round(update_replay_ms, 1)},
         "first_call_ms": round(first_call_ms, 1),
@@ -146,6 +157,7 @@ def print_table(model, result, kernel_sets, figures, args):
         ("dense reference (one normal per code)", [f"{result['dense_reference_ms']:.0f} ms"]),
         ("kernels", [k + (" (default)" if k == result["default_kernels"] else "") for k in kernel_sets]),
         ("perturb + restore (median)", column("perturb_restore_ms", ms)),
+        ("swap to the next candidate (restore + perturb in one walk)", column("swap_ms", ms)),
         ("speed-up vs dense", [f"{result['dense_reference_ms'] / figures[k]['perturb_restore_ms']:.0f}x"
                                for k in kernel_sets]),
         (f"update, sidecar (N={args.population}, γ 1)", column("sidecar", update)),

@@ -41,7 +41,7 @@ from qes_edge.kernels.noise import CHUNK, GUIDE_BITS  # noqa: E402
 from qes_edge.kernels.update import FRACTION_BITS  # noqa: E402
 
 SIGMAS = [0.005, 0.3, 1.5]  # the default; one where many codes move; one where gating at the edges is common
-PERTURB_SEEDS = [3, -3, 0, 2**63 - 1, -(2**63)]  # 0 and -2**63: the edges of |seed|
+PERTURB_SEEDS = [3, -3, 1, 2**63 - 1, -(2**63)]  # 1 and -2**63: the edges of |seed| (0 is "no seed")
 SUPPORTS = [11, 2**63 - 1, -(2**63), 5, 11]  # the support seed each perturbation uses (any int64 is valid)
 ROWS, PAIRS, THREADS = 6, 4, 2
 PERTURB, UPDATE, RESET = 0, 1, 2
@@ -50,11 +50,13 @@ PERTURB, UPDATE, RESET = 0, 1, 2
 def operations() -> list[tuple]:
     """(kind, a, b, c, stored, gamma): what the driver does, in order (see native/check_driver.c).
 
-    A perturbation is (PERTURB, seed, restore, support, 0, 0); an update (UPDATE, first row, end row,
-    feedback, stored, gamma).
+    A perturbation is (PERTURB, seed taken off, seed put on, support, 0, 0), 0 for no seed; an update
+    (UPDATE, first row, end row, feedback, stored, gamma).
     """
-    ops = [(PERTURB, s, 0, u, 0, 0.0) for s, u in zip(PERTURB_SEEDS, SUPPORTS)]
-    ops += [(PERTURB, s, 1, u, 0, 0.0) for s, u in reversed(list(zip(PERTURB_SEEDS, SUPPORTS)))]
+    ops = [(PERTURB, 0, s, u, 0, 0.0) for s, u in zip(PERTURB_SEEDS, SUPPORTS)]
+    ops += [(PERTURB, s, 0, u, 0, 0.0) for s, u in reversed(list(zip(PERTURB_SEEDS, SUPPORTS)))]
+    ops += [(RESET, 0, 0, 0, 0, 0.0), (PERTURB, 0, 5, 11, 0, 0.0), (PERTURB, 5, -9, 11, 0, 0.0),
+            (PERTURB, -9, 0, 11, 0, 0.0)]  # perturb, swap to the next candidate, restore
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, t, t + 1, 1, 1, 0.9) for t in range(4)]  # sidecar
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, max(0, t - 2), t + 1, 1, 0, 0.9) for t in range(4)]  # replay, K=2
     ops += [(RESET, 0, 0, 0, 0, 0.0)] + [(UPDATE, t, t + 1, 0, 0, 0.5) for t in range(2)]  # no error feedback
@@ -117,7 +119,7 @@ def library_output(space: CodeSpace, residual: np.ndarray, seeds, weights, ops) 
     for kind, a, b, c, stored, gamma in ops:
         result = (0, 0)
         if kind == PERTURB:
-            result = ((space.restore if b else space.perturb)(a, c), 0)
+            result = (space.swap(a, b, c), 0)
             totals["changed"] += result[0]
         elif kind == UPDATE:
             result = space.update(seeds[a:b], weights[a:b], gamma, bool(c), residual if stored else None)
@@ -137,7 +139,7 @@ def first_difference(want: bytes, got: bytes, ops) -> str:
     for i, (w, g) in enumerate(zip(want_records, got_records)):
         if w != g:
             kind, a, b, feedback, stored, _ = ops[i // 4]
-            what = {PERTURB: f"{'restore' if b else 'perturb'}({a})",
+            what = {PERTURB: f"swap({a} -> {b})",
                     UPDATE: f"update(rows {a}..{b - 1}, feedback={feedback}, stored={stored})",
                     RESET: "reset"}[kind]
             return f"operation {i // 4} {what}: {w[0]} differs"

@@ -1,5 +1,8 @@
 """The QES kernels on real quant blocks: perturb/restore, sampling, and the update vs a dense reference."""
 
+import resource
+import signal
+
 import numpy as np
 import pytest
 
@@ -85,6 +88,15 @@ def test_same_seed_same_bytes_and_pairs_share_the_support():
     other_tensor, _ = sample_tensor(7, SUPPORT, tensor_key("blk.1.Q4_0"), 100_000, n)
     for other in (other_support, other_tensor):
         assert len(np.intersect1d(p7, other)) < 0.1 * len(p7)
+
+
+def test_a_perturb_on_one_thread_gives_the_full_teams_bytes():
+    team, one = make_space(ALL, 0.05), make_space(ALL, 0.05)
+    one.threads = 1  # what a replica decoding on one thread beside others sets
+    assert team.perturb(7, SUPPORT) == one.perturb(7, SUPPORT) > 0
+    assert np.array_equal(team.buf, one.buf)
+    assert one.restore(7, SUPPORT) == team.restore(7, SUPPORT)
+    assert np.array_equal(team.buf, one.buf) and not one.gated.any()
 
 
 def test_support_seed_is_a_pure_function_of_the_pair_seeds():
@@ -223,6 +235,21 @@ def test_sidecar_refuses_another_model_and_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(QesError, match="truncated"):
         SidecarResidual(path, "11" * 32, 1024)
+
+
+def test_a_sidecar_that_cannot_be_made_is_one_error_and_no_file(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, as a full disk's ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(QesError) as error:
+            SidecarResidual(tmp_path / "r.bin", "11" * 32, 1 << 20)  # 2 MiB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    message = str(error.value)
+    assert "\n" not in message and "r.bin" in message and "cannot make the 2 MiB residual sidecar" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 FORMATS_BY_NAME = {f.name: f.ggml_type for f in FORMATS.values()}

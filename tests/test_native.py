@@ -22,7 +22,7 @@ needs_native = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"native kerne
 
 SIGMAS = [1e-5, 0.001, 0.01, 0.2, 1.5, 4.0]  # 1e-5: most gaps run past the gap table; 4.0: long magnitude table
 NOISE = {sigma: NoiseTable.for_sigma(sigma) for sigma in SIGMAS}
-SEEDS = [1, -1, 0, 7, -12345, 2**63 - 1, -(2**63), -(2**63) + 1]  # 0 and -2**63: the edges of |seed|
+SEEDS = [1, -1, 2, 7, -12345, 2**63 - 1, -(2**63), -(2**63) + 1]  # 1 and -2**63: the edges of |seed| (0: none)
 SUPPORT = 987654321
 
 
@@ -94,6 +94,25 @@ def test_stacked_perturbations_agree_step_by_step():
     for seed in reversed(seeds):
         assert c_space.restore(seed, SUPPORT) == numba_space.restore(seed, SUPPORT)
         assert_same(c_space, numba_space)
+
+
+@needs_native
+@pytest.mark.parametrize("sigma", [0.05, 1.5])
+def test_a_swap_is_a_restore_then_a_perturb_in_both_sets(sigma):
+    """Going from one candidate to the next in one walk leaves the bytes and gating bits of the two steps."""
+    c_space, numba_space = twins(ALL, sigma, seed=4)
+    stepwise = make_space(ALL, sigma, seed=4)
+    original = stepwise.buf.copy()
+    for space in (c_space, numba_space, stepwise):
+        assert space.perturb(SEEDS[0], SUPPORT) > 0
+    for worn, seed in zip(SEEDS[:4], SEEDS[1:5]):
+        stepwise.restore(worn, SUPPORT)
+        changed = stepwise.perturb(seed, SUPPORT)
+        assert c_space.swap(worn, seed, SUPPORT) == numba_space.swap(worn, seed, SUPPORT) == changed
+        assert_same(c_space, numba_space)
+        assert np.array_equal(c_space.buf, stepwise.buf) and np.array_equal(c_space.gated, stepwise.gated)
+    assert c_space.restore(SEEDS[4], SUPPORT) == numba_space.restore(SEEDS[4], SUPPORT)
+    assert np.array_equal(c_space.buf, original) and not c_space.gated.any() and not numba_space.gated.any()
 
 
 # ---- the update ----------------------------------------------------------------------------------
@@ -174,9 +193,10 @@ def test_native_results_do_not_depend_on_thread_count():
         buf, gated = space.buf.copy(), space.gated.copy()
         residual = np.zeros(space.n_codes, dtype=np.int16)
         tables = (space.layout, space.table, space.noise)
-        changed = native.perturb_codes(buf, *tables, np.int64(5), np.int64(SUPPORT), gated, False, threads=threads)
+        changed = native.perturb_codes(buf, *tables, 0, 5, SUPPORT, gated, threads=threads)
+        changed += native.perturb_codes(buf, *tables, 5, -7, SUPPORT, gated, threads=threads)  # a swap
         perturbed, perturbed_gated = buf.copy(), gated.copy()
-        native.perturb_codes(buf, *tables, np.int64(5), np.int64(SUPPORT), gated, True, threads=threads)
+        native.perturb_codes(buf, *tables, -7, 0, SUPPORT, gated, threads=threads)
         supports = np.array([support_seed(row) for row in seeds], dtype=np.int64)
         counts = [native.es_update(buf, *tables, Update(seeds[t:t + 1], supports[t:t + 1], weights[t:t + 1],
                                                         gamma_fx, True, True), residual, threads=threads)

@@ -28,7 +28,7 @@ from ..errors import QesError
 from .noise import CHUNK, GUIDE_BITS
 from .update import FRACTION_BITS
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIBRARY_DIR = Path(__file__).with_name("_native")
 LIBRARY_NAME = {"win32": "qes_kernels.dll", "darwin": "libqes_kernels.dylib"}.get(sys.platform, "libqes_kernels.so")
 ENV = "QES_EDGE_KERNELS"
@@ -83,7 +83,7 @@ def _library() -> ctypes.CDLL:
     lib.qes_sample_tensor.restype = _i64
     lib.qes_sample_tensor.argtypes = [_i64, _i64, _u64, _i64, noise, _ptr, _ptr, _i64]
     lib.qes_perturb_codes.restype = _i64
-    lib.qes_perturb_codes.argtypes = [_ptr, layout, tensors, noise, _i64, _i64, _ptr, ctypes.c_int, ctypes.c_int]
+    lib.qes_perturb_codes.argtypes = [_ptr, layout, tensors, noise, _i64, _i64, _i64, _ptr, ctypes.c_int]
     lib.qes_es_update.restype = ctypes.c_int
     lib.qes_es_update.argtypes = [_ptr, layout, tensors, noise, ctypes.POINTER(_Update), _ptr, _ptr, ctypes.c_int]
     return lib
@@ -195,15 +195,14 @@ def sample_tensor(seed, support, key, n_elements, noise):
         capacity = count
 
 
-def perturb_codes(buf, layout, tensors, noise, seed, support, gated, restore, threads=None):
-    """Apply or undo the perturbation of ``seed``, as :func:`qes_edge.kernels.perturb.perturb_codes`."""
+def perturb_codes(buf, layout, tensors, noise, undo, apply, support, gated, threads=None):
+    """Take seed ``undo``'s perturbation off and put seed ``apply``'s on, as :func:`qes_edge.kernels.perturb.perturb_codes`."""
     lib = _library()
     if gated.shape[0] * 8 < _codes_spanned(tensors):
         raise ValueError("gated has fewer bits than the space has codes")
     changed = lib.qes_perturb_codes(_address(buf, np.uint8, True), ctypes.byref(_layout(layout)),
-                                    ctypes.byref(_tensors(tensors)), ctypes.byref(_noise(noise)), int(seed),
-                                    int(support), _address(gated, np.uint8, True), int(bool(restore)),
-                                    _threads(threads))
+                                    ctypes.byref(_tensors(tensors)), ctypes.byref(_noise(noise)), int(undo),
+                                    int(apply), int(support), _address(gated, np.uint8, True), _threads(threads))
     if changed < 0:
         raise MemoryError("native perturb_codes: cannot allocate scratch memory")
     return changed

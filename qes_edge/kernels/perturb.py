@@ -1,10 +1,14 @@
-"""Gated apply and exact restore of one seeded perturbation (seed, support seed), in place on the live bytes.
+"""Gated apply, exact restore, and swap of seeded perturbations (seed, support seed), in place on the live bytes.
 
 Gating: where code + delta would leave the format's range the code is left
 alone, and its bit is set in ``gated`` (one bit per trainable code) so that
 restore knows not to undo it.  Restore regenerates the same stream and
 subtracts; afterwards the bytes are exactly the original ones and ``gated``
 is all zero again.
+
+One kernel does all three: it takes the perturbation of seed ``undo`` off
+and puts that of seed ``apply`` on (0: none), so a replica going from one
+candidate of an iteration to the next walks their shared support once.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import numpy as np
 from numba import njit, prange
 
 from .codes import CODE_HI, CODE_LO, code_address, read_code, write_code
-from .noise import chunk_streams, next_delta
+from .noise import next_support, sign_stream, signed_delta, support_stream
 
 
 @njit(parallel=True, cache=True)
-def perturb_codes(buf, layout, tensors, noise, seed, support, gated, restore):
-    """Apply (``restore=False``) or undo (``restore=True``) the perturbation of ``seed``; returns codes changed.
+def perturb_codes(buf, layout, tensors, noise, undo, apply, support, gated):
+    """Take the perturbation of seed ``undo`` off the codes and put that of seed ``apply`` on, in one walk.
 
-    ``support``: the iteration's support seed (:func:`~qes_edge.kernels.noise.support_seed`).
+    ``undo``/``apply``: signed seeds, 0 for none (apply only: perturb; undo
+    only: restore).  Both are of ``support``, the iteration's support seed
+    (:func:`~qes_edge.kernels.noise.support_seed`), and ``undo`` must be the
+    perturbation on the codes.  Returns the codes ``apply`` changed, or with
+    no ``apply``, the codes restored.
 
     ``layout``: :class:`~qes_edge.kernels.codes.Layout`; ``tensors``:
     :class:`~qes_edge.kernels.space.TensorTable`; ``noise``: the
@@ -29,49 +37,59 @@ def perturb_codes(buf, layout, tensors, noise, seed, support, gated, restore):
     chunks = tensors.chunks
     changed = np.zeros(chunks.shape[0], dtype=np.int64)
     for c in prange(chunks.shape[0]):
-        changed[c] = perturb_chunk(buf, layout, tensors, chunks[c], noise, seed, support, gated, restore)
+        changed[c] = perturb_chunk(buf, layout, tensors, chunks[c], noise, undo, apply, support, gated)
     return changed.sum()
 
 
 @njit(cache=True)
-def perturb_chunk(buf, layout, tensors, chunk, noise, seed, support, gated, restore):
+def perturb_chunk(buf, layout, tensors, chunk, noise, undo, apply, support, gated):
     params = layout.params
     t, start, end = chunk[0], chunk[1], chunk[2]
     offset, f, code_base = tensors.info[t, 0], tensors.info[t, 1], tensors.info[t, 2]
     lo, hi = params[f, CODE_LO], params[f, CODE_HI]
+    key = tensors.keys[t]
     # Draw the chunk's deltas first, then touch memory: independent loads overlap.
     elements = np.empty(end - start, dtype=np.int64)
-    deltas = np.empty(end - start, dtype=np.int64)
+    taken = np.empty(end - start, dtype=np.int64)
+    given = np.empty(end - start, dtype=np.int64)
     count = 0
     gap_tail, guide, magnitude_tail = noise.gap_tail, noise.guide, noise.magnitude_tail
-    support_state, sign_state, sign = chunk_streams(support, seed, tensors.keys[t], start)
+    support_state = support_stream(support, key, start)
+    undo_state, undo_sign = sign_stream(undo, key, start)
+    apply_state, apply_sign = sign_stream(apply, key, start)
     element = start
     while True:
-        support_state, sign_state, element, delta = next_delta(support_state, sign_state, element, end, gap_tail,
-                                                                guide, magnitude_tail, sign)
+        support_state, element, magnitude = next_support(support_state, element, end, gap_tail, guide,
+                                                         magnitude_tail)
         if element >= end:
             break
-        elements[count] = element
-        deltas[count] = delta
+        off = on = np.int64(0)
+        if undo != 0:
+            undo_state, off = signed_delta(undo_state, undo_sign, magnitude)
+        if apply != 0:
+            apply_state, on = signed_delta(apply_state, apply_sign, magnitude)
+        elements[count], taken[count], given[count] = element, off, on
         count += 1
         element += 1
-    n = 0
+    restored = applied = 0
     for k in range(count):
-        element, delta = elements[k], deltas[k]
-        base, j = code_address(element, f, params, offset)
-        index = code_base + element
+        base, j = code_address(elements[k], f, params, offset)
+        index = code_base + elements[k]
         bit = np.uint8(1 << (index & 7))
-        if restore:
+        code = read_code(buf, base, j, f, layout)
+        moved = code
+        if undo != 0:
             if gated[index >> 3] & bit:
                 gated[index >> 3] &= ~bit
             else:
-                write_code(buf, base, j, f, layout, read_code(buf, base, j, f, layout) - delta)
-                n += 1
-        else:
-            moved = read_code(buf, base, j, f, layout) + delta
-            if lo <= moved <= hi:
-                write_code(buf, base, j, f, layout, moved)
-                n += 1
+                moved -= taken[k]
+                restored += 1
+        if apply != 0:
+            if lo <= moved + given[k] <= hi:
+                moved += given[k]
+                applied += 1
             else:
                 gated[index >> 3] |= bit
-    return n
+        if moved != code:
+            write_code(buf, base, j, f, layout, moved)
+    return applied if apply != 0 else restored

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from ..formats import QuantFormat, format_of
@@ -42,6 +43,11 @@ class CodeSpace:
 
     ``kernels``: "numba" or "native" (the bit-identical C twin); by default
     ``$QES_EDGE_KERNELS``, else native when its library is built.
+
+    ``threads``: the threads a perturb or restore takes (None: every core).  A
+    replica that decodes beside others sets it to its own llama.cpp threads,
+    so that its kernels do not compete with the others' decoding; an update,
+    which runs while no replica decodes, always takes every core.
     """
 
     def __init__(self, buf: np.ndarray, tensors: list[TensorSlot], sigma: float, kernels: str | None = None):
@@ -70,19 +76,29 @@ class CodeSpace:
         self.table = TensorTable(np.array([tensor_key(s.name) for s in self.tensors], dtype=np.uint64), info,
                                  np.array(chunk_rows, dtype=np.int64).reshape(-1, 3))
         self.gated = np.zeros((self.n_codes + 7) // 8, dtype=np.uint8)
+        self.threads: int | None = None
 
     def perturb(self, seed: int, support: int) -> int:
         """Add the perturbation of ``seed`` on the support of ``support`` (gated at the code range).
 
         ``support``: the iteration's :func:`~qes_edge.kernels.noise.support_seed`.  Returns codes changed.
         """
-        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed),
-                                       np.int64(support), self.gated, False))
+        if not seed:
+            raise ValueError("a perturbation's seed is non-zero (0 means none)")
+        return self.swap(0, seed, support)
 
     def restore(self, seed: int, support: int) -> int:
         """Undo :meth:`perturb` of the same seed and support, giving back the exact original bytes."""
-        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(seed),
-                                       np.int64(support), self.gated, True))
+        if not seed:
+            raise ValueError("a perturbation's seed is non-zero (0 means none)")
+        return self.swap(seed, 0, support)
+
+    def swap(self, worn: int, seed: int, support: int) -> int:
+        """Restore the perturbation of ``worn`` and perturb by ``seed``, both of ``support``, in one walk
+        of the support: the bytes and gating bits of :meth:`restore` then :meth:`perturb`.  A seed of 0
+        is none.  Returns the codes ``seed`` changed (with no ``seed``, the codes restored)."""
+        return int(self._perturb_codes(self.buf, self.layout, self.table, self.noise, np.int64(worn),
+                                       np.int64(seed), np.int64(support), self.gated, self.threads))
 
     def update(self, seeds: np.ndarray, weights: np.ndarray, gamma: float, feedback: bool,
                residual: np.ndarray | None) -> tuple[int, int]:
@@ -108,4 +124,16 @@ class CodeSpace:
         return int(stepped), int(blocked)
 
 
-_KERNELS = {"numba": (perturb_codes, es_update), "native": (native.perturb_codes, native.es_update)}
+def _numba_perturb(buf, layout, tensors, noise, undo, apply, support, gated, threads=None):
+    """The Numba perturb on ``threads`` threads of this thread's team (Numba's setting is per thread)."""
+    if threads is None:
+        return perturb_codes(buf, layout, tensors, noise, undo, apply, support, gated)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return perturb_codes(buf, layout, tensors, noise, undo, apply, support, gated)
+    finally:
+        numba.set_num_threads(previous)
+
+
+_KERNELS = {"numba": (_numba_perturb, es_update), "native": (native.perturb_codes, native.es_update)}
