@@ -108,16 +108,17 @@ def bench_kernel_set(kernels, buf, slots, model, history, workdir, args):
         space.restore(seed, seed + 1)
 
     perturb_restore_ms = timed(perturb_restore, 5 if args.quick else 21)
-    worn = [1]
-    space.perturb(worn[0], 5)
+    worn = 1
+    space.perturb(worn, 5)
 
     def swap():  # from one candidate of an iteration to the next: one walk of their shared support
+        nonlocal worn
         seed = next(seeds)
-        space.swap(worn[0], seed, 5)
-        worn[0] = seed
+        space.swap(worn, seed, 5)
+        worn = seed
 
     swap_ms = timed(swap, 5 if args.quick else 21)
-    space.restore(worn[0], 5)
+    space.restore(worn, 5)
 
     def sidecar_ms(gamma):
         sidecar = SidecarResidual(workdir / f"residual-{kernels}-{gamma}.bin", model.header_sha256, space.n_codes)
