@@ -47,7 +47,10 @@ alpha=0.1`` for another regime; give each combination its own --work), and
 ``--arms`` runs some of the arms only.
 
 Cells live under --work (default: a temporary directory); re-running with
-the same --work resumes unfinished QES cells and reuses finished ones.  With
+the same --work resumes unfinished QES cells and reuses finished ones, and
+re-running with ``--set iterations=N`` continues every QES cell's run to N
+iterations (their first iterations are the same bytes: nothing depends on
+the total).  With
 ``--jobs 2 --threads 1`` two cells run side by side, one thread each.
 Prints one line per cell, a table per task, writes --json (with a
 ``summary``) and --png (held-out accuracy against minutes of training, one
@@ -103,8 +106,15 @@ def point(iteration: int, seconds: float, heldout: dict) -> dict:
 
 
 def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
-    """A real `qes-edge train` run (resumed if run_dir holds one): its held-out curve."""
-    run = Run.load(run_dir) if (run_dir / "state.json").exists() else Run.create(run_dir, source, settings)
+    """A real `qes-edge train` run (resumed if run_dir holds one): its held-out curve.
+
+    A resumed run takes the settings that are free on resume (iterations,
+    eval_every), so a finished cell's run can be continued to more iterations.
+    """
+    if (run_dir / "state.json").exists():
+        run = Run.load(run_dir, {"iterations": settings.iterations, "eval_every": settings.eval_every})
+    else:
+        run = Run.create(run_dir, source, settings)
     train(run, LocalPopulation(run))
     release(run)
     curve, seconds, stepped = [], 0.0, 0
@@ -208,11 +218,23 @@ def base_form_rate(source: Path, settings: Settings) -> dict:
             "samples": [[i.prompt[-1]["content"], c.text] for c, i in list(zip(completions, task.heldout))[:3]]}
 
 
-def cell(source: Path, settings: Settings, arm: str, work: Path) -> dict:
-    """One (task, arm, seed) cell, computed once: its result is kept in work/result.json."""
+def finished(work: Path, settings: Settings) -> dict | None:
+    """The cell's kept result, if it has the iterations asked for."""
     done = work / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    result = json.loads(done.read_text()) if done.exists() else None
+    return result if result and result["iterations"] == settings.iterations else None
+
+
+def cell(source: Path, settings: Settings, arm: str, work: Path) -> dict:
+    """One (task, arm, seed) cell, computed once: its result is kept in work/result.json.
+
+    Asked for more iterations than its result has, a QES cell
+    continues its run and the full-precision cell starts again.
+    """
+    done = work / "result.json"
+    result = finished(work, settings)
+    if result:
+        return result
     work.mkdir(parents=True, exist_ok=True)
     if arm == "fp":
         result = run_dense(source, settings, work / "dense")
@@ -391,7 +413,7 @@ def main() -> None:
         if task not in task_seeds or not more:
             raise SystemExit(f"--more-seeds {given}: TASK=SEEDS with TASK one of {', '.join(tasks)}")
         task_seeds[task] += [int(x) for x in more.split(",") if int(x) not in task_seeds[task]]
-    base = Settings(threads=args.threads, **(QUICK if args.quick else {}), **dict(map(setting_value, args.set)))
+    base = Settings(threads=args.threads, **{**(QUICK if args.quick else {}), **dict(map(setting_value, args.set))})
     base.check()
 
     def settings_of(task: str, arm: str, seed: int) -> Settings:
@@ -413,7 +435,7 @@ def main() -> None:
         def compute(key: tuple) -> dict:
             task, arm, seed = key
             where = work / f"{task}-{arm}-{seed}"
-            if args.jobs > 1 and not (where / "result.json").exists():
+            if args.jobs > 1 and not finished(where, settings_of(task, arm, seed)):
                 command = [sys.executable, __file__, "--cell", task, arm, str(seed), "--work", str(work)]
                 command += ["--quick"] * args.quick + (["--threads", str(args.threads)] if args.threads else [])
                 command += ["--long", str(args.long)] + [f"--set={given}" for given in args.set]
