@@ -79,7 +79,7 @@ from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
 from qes_edge.replica import LocalPopulation
 from qes_edge.run import Run, read_metrics
 from qes_edge.scorer import Scorer
-from qes_edge.settings import Settings, value_type
+from qes_edge.settings import Settings, about, value_type
 from qes_edge.settings import names as settings_names
 from qes_edge.tasks import load_task, mean_with_stderr
 from qes_edge.tasks.arithmetic import STRICT
@@ -108,11 +108,13 @@ def point(iteration: int, seconds: float, heldout: dict) -> dict:
 def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
     """A real `qes-edge train` run (resumed if run_dir holds one): its held-out curve.
 
-    A resumed run takes the settings that are free on resume (iterations,
-    eval_every), so a finished cell's run can be continued to more iterations.
+    A resumed run takes the cell's values of every setting that is free on
+    resume (iterations, eval_every, threads, ...), so a finished cell's run
+    can be continued to more iterations.
     """
     if (run_dir / "state.json").exists():
-        run = Run.load(run_dir, {"iterations": settings.iterations, "eval_every": settings.eval_every})
+        free = {name: getattr(settings, name) for name in settings_names() if about(name).free_on_resume}
+        run = Run.load(run_dir, free)
     else:
         run = Run.create(run_dir, source, settings)
     train(run, LocalPopulation(run))
