@@ -211,14 +211,30 @@ def announce(run) -> None:
                    "for a model from Ollama) and run `ollama create` (or print it when ollama is not installed).")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the fine-tune as a recipe: `qes-edge apply` rebuilds the GGUF from it and the base.")
-def export(run_dir, out, ollama, recipe):
+@click.option("--iteration", type=click.IntRange(min=0), default=None,
+              help="The model after this many iterations instead of the latest (0: the base).")
+@click.option("--best", is_flag=True,
+              help="The model at the held-out evaluation with the highest accuracy (the earliest of ties).")
+def export(run_dir, out, ollama, recipe, iteration, best):
     """Write the model of a run (finished or not) to a GGUF."""
     from .run import Run
     from .working_copy import export as export_run
 
+    if best and iteration is not None:
+        raise click.UsageError("--best and --iteration choose the same thing; give one")
     run = Run.load(run_dir)
+    which = f"iteration {run.iteration} of {run.settings.iterations}"
+    if best:
+        iteration, heldout = run.best_heldout()
+        which = (f"iteration {iteration} of the {run.iteration} completed: the best held-out accuracy, "
+                 f"{heldout['accuracy']:.3f} ± {heldout['accuracy_se']:.3f} on {heldout['n']} items; chosen on "
+                 "those items, so new items will likely score lower")
+    elif iteration is not None:
+        which = f"iteration {iteration} of the {run.iteration} completed"
+    if iteration is not None:
+        run = run.at(iteration)
     export_run(run, out)
-    click.echo(f"wrote {out} (iteration {run.iteration} of {run.settings.iterations})")
+    click.echo(f"wrote {out} ({which})")
     if recipe:
         from .recipe import write_recipe
 

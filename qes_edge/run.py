@@ -131,6 +131,17 @@ class Run:
                    state["iteration"], history, Path(state["live"]) if state.get("live") else None,
                    state.get("base_file", ""), state.get("ollama"))
 
+    def at(self, iteration: int) -> Run:
+        """The run as its checkpoint was after ``iteration`` completed iterations (its first updates only).
+
+        It has no working copy (the run's copy holds the latest checkpoint), so
+        exporting it rebuilds the model by replay.
+        """
+        if not 0 <= iteration <= self.iteration:
+            raise QesError(f"{self.run_dir} has completed {self.iteration} iterations; "
+                           f"iteration {iteration} is not one of them (0 is the base model)")
+        return dataclasses.replace(self, iteration=iteration, history=self.history[:iteration], live_path=None)
+
     def to_state(self) -> dict:
         """state.json's contents; the fleet sends the same to its workers."""
         return {
@@ -178,6 +189,14 @@ class Run:
     def append_metrics(self, line: dict) -> None:
         with open(self.files.metrics, "a") as f:
             f.write(json.dumps(line) + "\n")
+
+    def best_heldout(self) -> tuple[int, dict]:
+        """The completed iteration with the highest recorded held-out accuracy (the earliest of ties), and its result."""
+        evaluated = [(m["iteration"], m["heldout"]) for m in read_metrics(self.run_dir)
+                     if "heldout" in m and m["iteration"] <= self.iteration]
+        if not evaluated:
+            raise QesError(f"{self.run_dir} has no held-out evaluation yet; choose one with --iteration")
+        return max(evaluated, key=lambda e: (e[1]["accuracy"], -e[0]))
 
     def heldout(self, iteration: int) -> dict | None:
         """The held-out result recorded at ``iteration``, if there is one."""

@@ -179,6 +179,45 @@ def test_export_to_an_unwritable_place_keeps_the_run(workspace, default_model, t
     assert sha256(tmp_path / "again.gguf") == sha256(tmp_path / "first.gguf")
 
 
+def test_export_of_an_earlier_iteration_is_that_checkpoint_byte_for_byte(workspace, default_model, tmp_path, tiny):
+    runs = {}
+    for iterations, eval_every in ((3, "1"), (1, "100")):  # a longer run, and one that stopped at iteration 1
+        run = runs[iterations] = tmp_path / f"run{iterations}"
+        result = train(workspace, str(default_model), *tiny[2:], "--iterations", str(iterations), "--eval-every",
+                       eval_every, "--run-dir", str(run), "--out", str(tmp_path / f"tuned{iterations}.gguf"))
+        assert result.exit_code == 0, result.output
+
+    def export(*args):
+        return CliRunner().invoke(cli, ["export", str(runs[3]), *map(str, args)])
+
+    first, recipe = tmp_path / "first.gguf", tmp_path / "first.recipe.json"
+    result = export("--iteration", 1, "--out", first, "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {first} (iteration 1 of the 3 completed)" in result.output
+    assert sha256(first) == sha256(tmp_path / "tuned1.gguf") != sha256(tmp_path / "tuned3.gguf")
+    assert json.loads(recipe.read_text())["iteration"] == 1
+    assert CliRunner().invoke(cli, ["apply", str(recipe), str(default_model), "--out",
+                                    str(tmp_path / "applied.gguf")]).exit_code == 0
+    assert sha256(tmp_path / "applied.gguf") == sha256(first)
+    assert export("--iteration", 3, "--out", tmp_path / "last.gguf").exit_code == 0
+    assert sha256(tmp_path / "last.gguf") == sha256(tmp_path / "tuned3.gguf")  # replayed, not the working copy
+
+    heldout = [json.loads(line) for line in (runs[3] / "metrics.jsonl").read_text().splitlines()]
+    heldout = [(m["heldout"]["accuracy"], -m["iteration"]) for m in heldout if "heldout" in m]
+    assert len(heldout) == 4
+    accuracy, best = max(heldout)  # the highest, the earliest of ties
+    result = export("--best", "--out", tmp_path / "best.gguf")
+    assert result.exit_code == 0, result.output
+    assert f"(iteration {-best} of the 3 completed: the best held-out accuracy, {accuracy:.3f} ± " in result.output
+    assert export("--iteration", -best, "--out", tmp_path / "same.gguf").exit_code == 0
+    assert sha256(tmp_path / "best.gguf") == sha256(tmp_path / "same.gguf")
+
+    message = one_line_error(export("--iteration", 4, "--out", tmp_path / "none.gguf"))
+    assert "has completed 3 iterations; iteration 4 is not one of them" in message
+    assert export("--best", "--iteration", 1, "--out", tmp_path / "none.gguf").exit_code == 2
+    assert not (tmp_path / "none.gguf").exists()
+
+
 def test_inspect_lists_trainable_and_frozen_tensors(default_model):
     result = CliRunner().invoke(cli, ["inspect", str(default_model), "--json"])
     assert result.exit_code == 0, result.output
