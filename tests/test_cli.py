@@ -202,8 +202,8 @@ def test_export_of_an_earlier_iteration_is_that_checkpoint_byte_for_byte(workspa
     assert export("--iteration", 3, "--out", tmp_path / "last.gguf").exit_code == 0
     assert sha256(tmp_path / "last.gguf") == sha256(tmp_path / "tuned3.gguf")  # replayed, not the working copy
 
-    heldout = [json.loads(line) for line in (runs[3] / "metrics.jsonl").read_text().splitlines()]
-    heldout = [(m["heldout"]["accuracy"], -m["iteration"]) for m in heldout if "heldout" in m]
+    metrics = [json.loads(line) for line in (runs[3] / "metrics.jsonl").read_text().splitlines()]
+    heldout = [(m["heldout"]["accuracy"], -m["iteration"]) for m in metrics if "heldout" in m]
     assert len(heldout) == 4
     accuracy, best = max(heldout)  # the highest, the earliest of ties
     result = export("--best", "--out", tmp_path / "best.gguf")
