@@ -94,6 +94,16 @@ def shape_rewards(plus: list[list[float]], minus: list[list[float]], shaping: st
     return SHAPINGS[shaping](plus, minus)
 
 
+def step_size(alpha: float, decay: float, iteration: int) -> float:
+    """alpha / sqrt(1 + t / decay): the step shrinks as the run goes on (``decay`` 0: constant).
+
+    Early iterations take the large steps that find the answer's form; later
+    ones average more iterations per unit of movement, so the noise in each
+    estimate stops walking the codes away from what was learned.
+    """
+    return alpha / math.sqrt(1 + iteration / decay) if decay else alpha
+
+
 def pair_weights(coefficients: list[float], alpha: float, sigma: float, population: int) -> np.ndarray:
     """w_p = alpha * c_p / (N sigma) in fixed point: this pair's share of the step, per unit delta."""
     weights = [to_fixed(alpha * c / (population * sigma)) for c in coefficients]

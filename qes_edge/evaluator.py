@@ -197,7 +197,7 @@ class Evaluator:
         self._share_prefixes = not flash_attn
         self._batch = _Batch(self.n_batch)
         self._pieces: dict[int, bytes] = {}
-        self._chat_template = None
+        self._chat_templates: dict[bool, Jinja2ChatFormatter] = {}
 
     # -- lifetime ---------------------------------------------------------
 
@@ -226,17 +226,44 @@ class Evaluator:
         the model's own chat template with the generation prompt appended."""
         if isinstance(prompt, str):
             return prompt
-        if self._chat_template is None:
+        return self._chat_formatter(generation_prompt=True)(messages=[dict(m) for m in prompt]).prompt
+
+    def _chat_formatter(self, generation_prompt: bool) -> Jinja2ChatFormatter:
+        if generation_prompt not in self._chat_templates:
             template = llama.llama_model_chat_template(self._model, None)
             if not template:
                 raise QesError(f"{self.model_path.name} has no chat template; use plain string prompts")
-            self._chat_template = Jinja2ChatFormatter(
+            self._chat_templates[generation_prompt] = Jinja2ChatFormatter(
                 template=template.decode("utf-8"),
                 eos_token=self._token_text(llama.llama_vocab_eos(self._vocab)),
                 bos_token=self._token_text(llama.llama_vocab_bos(self._vocab)),
-                add_generation_prompt=True,
+                add_generation_prompt=generation_prompt,
             )
-        return self._chat_template(messages=[dict(m) for m in prompt]).prompt
+        return self._chat_templates[generation_prompt]
+
+    def reply_tokens(self, prompt: Prompt, reply: str) -> list[int]:
+        """The tokens the model writes to answer ``prompt`` with ``reply`` and end its turn.
+
+        Chat messages: the chat template's own assistant turn, up to the
+        end-of-generation token it closes the turn with.  A plain prompt: the
+        reply's tokens, then end of text unless the reply ends its line (a
+        transcript's answer ends at the next question).
+        """
+        eos = llama.llama_vocab_eos(self._vocab)
+        if not _is_chat(prompt):
+            tokens = self.completion_tokens(reply)
+            return tokens if reply.endswith("\n") else tokens + [eos]
+        head = self.render(prompt)
+        whole = self._chat_formatter(generation_prompt=False)(
+            messages=[*map(dict, prompt), {"role": "assistant", "content": reply}]).prompt
+        if whole.startswith(head):
+            tokens = self._tokenize(whole[len(head):], add_special=False)
+            end = next((i for i, t in enumerate(tokens) if llama.llama_vocab_is_eog(self._vocab, t)), None)
+            if end is not None:
+                return tokens[:end + 1]
+        # A template that rewrites earlier turns, or closes the turn with no end-of-generation token.
+        end = eos if llama.llama_vocab_is_eog(self._vocab, eos) else llama.llama_vocab_eot(self._vocab)
+        return self.completion_tokens(reply) + [end]
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Prompt tokens as llama-cpp-python makes them, special tokens parsed:

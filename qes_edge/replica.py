@@ -52,7 +52,7 @@ class Replica:
             copy.close()
             raise
         self.copy.space.threads = self.evaluator.n_threads  # its kernels keep to its share of the cores
-        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens, prompts)
+        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens, prompts, s.signal)
         self.worn: tuple[int, int] | None = None  # (seed, support) of a perturbation left on the copy
 
     def rewards(self, signed_seed: int, iteration: int, keep: bool = False) -> list[float]:

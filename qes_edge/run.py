@@ -215,8 +215,11 @@ class Run:
         return model
 
     def load_task(self) -> Task:
+        """The run's task; a QesError when it cannot give the ``--signal`` asked for."""
         s = self.settings
-        return load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+        task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
+        task.signal(s.signal)
+        return task
 
     def prompt_format(self, model: ModelFile) -> PromptFormat:
         """How the task's items reach the source model (``model``): chat turns or plain text."""

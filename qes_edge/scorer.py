@@ -10,21 +10,34 @@ SAMPLES = 3  # held-out items whose completions a held-out result keeps (the fir
 
 
 class Scorer:
-    """A task's rewards and verdicts for the completions of an evaluator's model, its prompts in ``prompts``."""
+    """A task's rewards and verdicts for the completions of an evaluator's model, its prompts in ``prompts``.
 
-    def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int, prompts: PromptFormat):
+    ``signal`` is what :meth:`rewards` gives the trainer (see :meth:`Task.signal`): the task's reward of
+    each greedy completion, or the likelihood of each item's reference reply.
+    """
+
+    def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int, prompts: PromptFormat,
+                 signal: str = "reward"):
         self.evaluator, self.task, self.max_tokens, self.prompts = evaluator, task, max_tokens, prompts
         self.stop = prompts.stop(task)
+        self.signal = task.signal(signal)
+        self._replies: dict[int, list[int]] = {}  # id(item) -> its reply's tokens
 
     def rewards(self, items: list[Item]) -> list[float]:
-        """One reward per item: of the greedy completion, or the answer's mean log-prob per token."""
+        """One reward per item: of the greedy completion, or its reply's mean log-prob per token."""
         prompts = [self.prompts.prompt(self.task, item) for item in items]
-        if self.task.uses_logprob:
-            answers = [self.evaluator.completion_tokens(item.answer) for item in items]
-            totals = self.evaluator.logprob(prompts, answers)
-            return [total / max(1, len(tokens)) for total, tokens in zip(totals, answers)]
+        if self.signal == "likelihood":
+            replies = [self.reply_tokens(item, prompt) for item, prompt in zip(items, prompts)]
+            totals = self.evaluator.logprob(prompts, replies)
+            return [total / max(1, len(tokens)) for total, tokens in zip(totals, replies)]
         completions = self.evaluator.generate(prompts, self.max_tokens, self.stop)
         return [self.task.reward(c.text, item) for c, item in zip(completions, items)]
+
+    def reply_tokens(self, item: Item, prompt) -> list[int]:
+        """The item's reference reply and the end of the turn, as tokens."""
+        if id(item) not in self._replies:
+            self._replies[id(item)] = self.evaluator.reply_tokens(prompt, self.prompts.reply(item))
+        return self._replies[id(item)]
 
     def heldout(self, samples: int = SAMPLES) -> dict:
         """Accuracy and mean reward on the task's held-out items (see :func:`heldout_result`)."""

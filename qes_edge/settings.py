@@ -99,10 +99,16 @@ class Settings:
                                          "model has a template).", check=OneOf(("auto", "chat", "raw")),
                                  recorded=False)
     reward: str | None = setting(None, "exact, contains, regex, numeric, logprob, or module:function.")
+    signal: str = setting("auto", "What ranks the candidates: likelihood (the teacher-forced log-prob of each "
+                                  "item's reference reply and end of turn), reward (the reward of a generated "
+                                  "completion), or auto (likelihood when every training item has a reference "
+                                  "reply).", check=OneOf(("auto", "likelihood", "reward")))
     iterations: int = setting(25, "Iterations to train (a resumed run may raise it).", check=AtLeast(0),
                               free_on_resume=True)
     sigma: float = setting(0.005, "Perturbation scale, in code steps.", check=Within(0, 4, open_low=True))
     alpha: float = setting(0.02, "Learning rate, in code steps.", check=Positive())
+    alpha_decay: float = setting(10.0, "Iteration t steps alpha / sqrt(1 + t / ALPHA_DECAY) (0: a constant "
+                                       "alpha).", check=Within(0, 1e9))
     decay: float = setting(1.0, "Residual decay gamma (1: nothing forgotten).", check=Within(0, 1))
     population: int = setting(8, "Candidates per iteration (even: mirrored pairs).", check=MirroredPairs())
     batch: int = setting(16, "Prompts each candidate is scored on.", check=AtLeast(1))

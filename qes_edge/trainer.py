@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QesError
-from .es import iteration_seeds, mean, pair_weights, shape_rewards
+from .es import iteration_seeds, mean, pair_weights, shape_rewards, step_size
 from .run import Run
 
 
@@ -64,8 +64,8 @@ def train(run: Run, population, on_progress: Callable[[Progress], None] = lambda
                         t1 = time.perf_counter()
                         plus = [rewards[p, 1] for p in range(pairs)]  # per-prompt rewards of each +s candidate
                         minus = [rewards[p, -1] for p in range(pairs)]
-                        weights = pair_weights(shape_rewards(plus, minus, s.shaping), s.alpha, s.sigma,
-                                               s.population)
+                        weights = pair_weights(shape_rewards(plus, minus, s.shaping),
+                                               step_size(s.alpha, s.alpha_decay, t), s.sigma, s.population)
                         run.history.append((seeds, weights))
                         stepped, blocked = population.apply(run.history)
                         t2 = time.perf_counter()

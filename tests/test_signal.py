@@ -28,9 +28,10 @@ def capitals(tmp_path):
 
 def test_a_run_without_signal_stops_with_three_samples_and_force_goes_on(default_model, tmp_path):
     data = capitals(tmp_path)
-    # Raw, an instruct model ends its turn at once: every completion is empty, every reward 0.
+    # Raw, an instruct model ends its turn at once: every completion is empty, every reward 0
+    # (--signal reward: the rewards of generated completions rank the candidates).
     args = [default_model, "--task", data, "--reward", "contains", *SMALL, "--run-dir", tmp_path / "raw"]
-    result = invoke("train", *args, "--prompt-format", "raw", "--out", tmp_path / "raw.gguf")
+    result = invoke("train", *args, "--prompt-format", "raw", "--signal", "reward", "--out", tmp_path / "raw.gguf")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("Error: no reward signal: all 4 held-out rewards and all 4 candidate rewards of "
@@ -45,6 +46,14 @@ def test_a_run_without_signal_stops_with_three_samples_and_force_goes_on(default
     forced = invoke("train", "--resume", tmp_path / "raw", "--force", "--out", tmp_path / "raw.gguf")
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / "raw.gguf").is_file()
+
+    # By default the answers are reference replies: their likelihood differs between candidates from the first
+    # iteration, where no completion earns a reward.
+    result = invoke("train", default_model, "--task", data, "--reward", "contains", *SMALL, "--prompt-format", "raw",
+                    "--run-dir", tmp_path / "likelihood", "--out", tmp_path / "likelihood.gguf")
+    assert result.exit_code == 0, result.output
+    first = read_metrics(tmp_path / "likelihood")[1]
+    assert first["rewards_plus"] != first["rewards_minus"] and max(first["rewards_plus"]) < 0  # mean log-probs
 
     # The same file as chat turns (auto, on this model) gets replies, and the run trains.
     result = invoke("train", default_model, "--task", data, "--reward", "contains", *SMALL,

@@ -11,6 +11,8 @@ import pytest
 from qes_edge.errors import QesError
 from qes_edge.tasks import BUILTIN_TASKS, Item, accuracy_with_stderr, load_task, mean_with_stderr
 from qes_edge.tasks.countdown import evaluate
+from qes_edge.tasks.jsonl import load_jsonl_task
+from qes_edge.tasks.rewards import parse_reward
 
 pytestmark = pytest.mark.unit
 
@@ -219,8 +221,8 @@ def test_jsonl_items_keep_prompts_messages_and_meta(tmp_path):
     ])
     task = load_task(str(path))
     items = sorted(task.train + task.heldout, key=lambda i: i.meta["line"])
-    assert items[0] == Item("Capital of France?", "Paris", {"source": "geo", "line": 1})
-    assert items[1] == Item(messages, "4", {"line": 3})
+    assert items[0] == Item("Capital of France?", "Paris", {"source": "geo", "line": 1}, reply="Paris")
+    assert items[1] == Item(messages, "4", {"line": 3}, reply="4")
     assert not task.uses_logprob and task.stop == ()
 
 
@@ -370,7 +372,11 @@ def test_user_reward_from_file_path(user_dataset):
     ("text", "returned str '1.0', not a number"),
 ])
 def test_user_reward_failures_name_the_item(user_dataset, function, message):
-    task = load_task("data.jsonl", reward=f"{user_dataset}:{function}")
+    # load_task checks each answer as a reference reply, so a failing function fails there, naming the item.
+    with pytest.raises(QesError) as error:
+        load_task("data.jsonl", reward=f"{user_dataset}:{function}")
+    assert message in str(error.value) and "train item 0 (data.jsonl line " in str(error.value)
+    task = load_jsonl_task(Path("data.jsonl"), parse_reward(f"{user_dataset}:{function}"), 0, 64, None)
     item = task.train[3]
     with pytest.raises(QesError) as error:
         task.reward("x", item)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from qes_edge.errors import QesError
@@ -44,8 +45,17 @@ def load_task(
         raise QesError(f"train size must be at least 1, got {train_size}")
     rule = parse_reward(reward) if reward is not None else None
     if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec](rule=rule, seed=seed, heldout=heldout, train_size=train_size)
+        return with_checked_replies(BUILTIN_TASKS[spec](rule=rule, seed=seed, heldout=heldout, train_size=train_size))
     path = Path(spec)
     if path.is_file():
-        return load_jsonl_task(path, rule or Exact(), seed, heldout, train_size)
+        return with_checked_replies(load_jsonl_task(path, rule or Exact(), seed, heldout, train_size))
     raise QesError(f"unknown task '{spec}': not a file, nor a built-in ({', '.join(BUILTIN_TASKS)})")
+
+
+def with_checked_replies(task: Task) -> Task:
+    """``task`` with each item's reference reply kept only where the task's own rule calls it correct:
+    a reward that wants another form (a user's function on a built-in task, say) gets no reply to train
+    towards that it would not credit."""
+    def checked(item: Item) -> Item:
+        return item if item.reply is None or task.correct(item.reply, item) else replace(item, reply=None)
+    return replace(task, train=[checked(i) for i in task.train], heldout=[checked(i) for i in task.heldout])

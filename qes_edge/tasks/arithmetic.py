@@ -50,8 +50,9 @@ def ask(a: int, op: str, b: int) -> str:
 
 
 def question(a: int, op: str, b: int) -> Item:
-    return Item(prompt=[{"role": "user", "content": ask(a, op, b)}], answer=str(OPERATIONS[op](a, b)),
-                meta={"a": a, "op": op, "b": b})
+    answer = str(OPERATIONS[op](a, b))
+    return Item(prompt=[{"role": "user", "content": ask(a, op, b)}], answer=answer,
+                meta={"a": a, "op": op, "b": b}, reply=f"The answer is {answer}.")
 
 
 # The few-shot start of a plain prompt (a model without a chat template): outside the default level's questions.

@@ -130,7 +130,8 @@ def ask(numbers: list[int], target: int) -> str:
 
 def countdown_item(numbers: list[int], target: int, solution: str) -> Item:
     return Item(prompt=[{"role": "user", "content": ask(numbers, target)}], answer=solution,
-                meta={"numbers": numbers, "target": target, "solution": solution})
+                meta={"numbers": numbers, "target": target, "solution": solution},
+                reply=f"<answer>{solution}</answer>")
 
 
 # The few-shot start of a plain prompt (a model without a chat template).

@@ -10,6 +10,10 @@ class Item:
     prompt: str | list[dict]  # plain text or chat messages; the evaluator renders them
     answer: str
     meta: dict = field(default_factory=dict)  # e.g. countdown numbers and target; JSONL line
+    # The reply that earns the task's full credit, when there is one ("The answer is 21." for
+    # arithmetic, a JSONL line's answer as it is): what the likelihood signal scores. load_task keeps
+    # it only where the task's rule says it is correct.
+    reply: str | None = None
 
     @property
     def question(self) -> str:

@@ -84,7 +84,7 @@ def parse_record(record, line: int, rule: Reward) -> Item:
 
     meta = {key: value for key, value in record.items() if key not in ("prompt", "messages", "answer")}
     meta["line"] = line
-    return Item(prompt=prompt, answer=answer, meta=meta)
+    return Item(prompt=prompt, answer=answer, meta=meta, reply=answer)
 
 
 def parse_messages(messages) -> list[dict]:

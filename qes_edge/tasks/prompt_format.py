@@ -45,6 +45,13 @@ class PromptFormat:
             return item.prompt
         return transcript(task.examples, item.prompt)
 
+    def reply(self, item: Item) -> str:
+        """The item's reference reply as the model continues this format's prompt: a transcript's
+        answer follows "A:" after a space and ends its line."""
+        if self.chat or isinstance(item.prompt, str):
+            return item.reply
+        return f" {item.reply}\n"
+
     def stop(self, task: Task) -> tuple[str, ...]:
         """The task's stop strings, and the start of the next question when a transcript is continued."""
         if self.chat or all(isinstance(item.prompt, str) for item in (*task.train, *task.heldout)):

@@ -25,7 +25,8 @@ def ask(n: int) -> str:
 
 
 def question(n: int) -> Item:
-    return Item(prompt=[{"role": "user", "content": ask(n)}], answer=str(n + 1), meta={"n": n})
+    return Item(prompt=[{"role": "user", "content": ask(n)}], answer=str(n + 1), meta={"n": n},
+                reply=f"The number after {n} is {n + 1}.")
 
 
 # Worked examples for a model without a chat template (--prompt-format raw): numbers the task never asks.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qes_edge.errors import QesError
 from qes_edge.tasks.item import Item
 from qes_edge.tasks.rewards import Reward, RewardFunctionError
 
@@ -25,6 +26,21 @@ class Task:
         """True: the reward is the teacher-forced mean per-token log-prob of item.answer,
         computed by the trainer; `reward()` is not called on generated text."""
         return self.rule.uses_logprob
+
+    def signal(self, setting: str) -> str:
+        """What ranks the candidates under ``--signal setting``: ``likelihood`` (of each item's reference
+        reply, teacher-forced) or ``reward`` (of a generated completion).  ``auto``: the likelihood when
+        every training item has a reply, which gives candidates a difference from the first iteration
+        even where no candidate writes an answer the reward credits."""
+        if self.uses_logprob:
+            return "likelihood"
+        missing = next((item for item in self.train if item.reply is None), None)
+        if setting == "likelihood" and missing is not None:
+            raise QesError(f"--signal likelihood needs a reference reply for every item; {self.locate(missing)} has "
+                           f"none (its answer {missing.answer!r} does not earn the reward's full credit as it is)")
+        if setting == "auto":
+            return "reward" if missing is not None else "likelihood"
+        return setting
 
     def reward(self, completion: str, item: Item) -> float:
         """Shaped training reward."""
