@@ -2,7 +2,7 @@
 
     python scripts/learning_curve.py [--tasks arithmetic,sentiment,syllables,continent] [--seeds 0,1,2]
                                      [--iterations 200] [--at 25,50,100,200] [--set NAME=VALUE ...]
-                                     [--work benchmarks/learning-runs] [--analyse]
+                                     [--work benchmarks/learning-runs] [--no-template] [--analyse]
                                      [--json benchmarks/learning_curve.json] [--png benchmarks/learning_curve.png]
 
 Every cell (task, seed) is ``qes-edge train`` as a user runs it, default
@@ -12,7 +12,10 @@ makes them).  Cells live in ``--work/<task>-<seed>``; running again with a
 larger ``--iterations`` continues each one with ``--resume`` (its first
 iterations are the same bytes), so a study spans sessions.  Held-out
 accuracy is evaluated every 5 iterations up to 25, every 25 after.
-``--analyse`` trains nothing and reports the cells as they are.
+``--no-template`` trains the demo model with its chat template removed (a
+base model's file: prompts go raw, few-shot for the built-in tasks; cells
+``<task>-no-template-<seed>``).  ``--analyse`` trains nothing and reports
+the cells as they are.
 
 Per task the report pools the seeds: the held-out gain over the base model
 at each ``--at`` iteration every seed has reached (paired over the same
@@ -52,21 +55,39 @@ TASK_FILES = ROOT / "benchmarks" / "tasks"
 MOST_LABELS = 10  # a dataset with at most this many distinct answers gets the likelihood-choice baseline
 
 
+def qes_edge(*args: str) -> None:
+    """The command as a user runs it, in a child process (its output: the cell's own log lines)."""
+    subprocess.run([sys.executable, "-c", "from qes_edge.cli import main; main()", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def task_spec(name: str) -> str:
     return str(TASK_FILES / f"{name}.jsonl") if (TASK_FILES / f"{name}.jsonl").is_file() else name
 
 
-def train_cell(run_dir: Path, task: str, seed: int, iterations: int, overrides: list[str]) -> None:
+def template_free_model(work: Path) -> Path:
+    """The demo model without ``tokenizer.chat_template``: every tensor byte for byte the same."""
+    from qes_edge.convert import convert_matrices
+
+    path = work / "no-template.gguf"
+    if not path.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        convert_matrices(default_model_path(), path, None, drop=("tokenizer.chat_template",))
+    return path
+
+
+def train_cell(run_dir: Path, task: str, seed: int, iterations: int, overrides: list[str],
+               model: Path | None) -> None:
     """Train (or continue) one cell to ``iterations``."""
     eval_every = ["--eval-every", "5" if iterations <= 25 else "25"]
     if (run_dir / "state.json").is_file():
         command = ["train", "--resume", str(run_dir), "--iterations", str(iterations), *eval_every]
     else:
-        command = ["train", "--task", task_spec(task), "--seed", str(seed), "--iterations", str(iterations),
-                   "--run-dir", str(run_dir), *eval_every, *overrides]
+        command = ["train", *([str(model)] if model else []), "--task", task_spec(task), "--seed", str(seed),
+                   "--iterations", str(iterations), "--run-dir", str(run_dir), *eval_every, *overrides]
     command += ["--out", str(run_dir / "tuned.gguf")]
     print(f"{run_dir.name}: qes-edge {' '.join(command[1:])}", flush=True)
-    subprocess.run([sys.executable, "-m", "qes_edge.cli", *command], check=True, stdout=subprocess.DEVNULL)
+    qes_edge(*command)
 
 
 def heldout_by_iteration(run_dir: Path) -> dict[int, np.ndarray]:
@@ -101,8 +122,7 @@ def form_and_skill(run_dir: Path, task_name: str, iteration: int) -> dict:
     answers = {item.answer.strip() for item in task.train + task.heldout}
     with tempfile.TemporaryDirectory() as scratch:
         model = Path(scratch) / "model.gguf"
-        subprocess.run([sys.executable, "-m", "qes_edge.cli", "export", str(run_dir), "--iteration", str(iteration),
-                        "--out", str(model)], check=True, stdout=subprocess.DEVNULL)
+        qes_edge("export", str(run_dir), "--iteration", str(iteration), "--out", str(model))
         with Evaluator(model, n_seq_max=16) as evaluator:
             prompts = run.prompt_format(open_model(run.source))
             scorer = Scorer(evaluator, task, run.settings.max_tokens or task.max_tokens, prompts)
@@ -215,6 +235,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for new cells, as qes-edge train's option (say --set alpha-decay=0)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "learning-runs")
+    parser.add_argument("--no-template", action="store_true", help="the demo model without its chat template")
     parser.add_argument("--analyse", action="store_true", help="train nothing; report the cells as they are")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "learning_curve.json")
     parser.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "learning_curve.png")
@@ -222,19 +243,23 @@ def main() -> None:
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     at = [int(t) for t in args.at.split(",")]
     overrides = [part for pair in args.set for part in (f"--{pair.split('=', 1)[0]}", pair.split("=", 1)[1])]
-    cells = {task: {seed: args.work / f"{task}-{seed}" for seed in seeds} for task in tasks}
+    variant = "-no-template" if args.no_template else ""
+    cells = {task: {seed: args.work / f"{task}{variant}-{seed}" for seed in seeds} for task in tasks}
+    model = template_free_model(args.work) if args.no_template else None
     if not args.analyse:
         for seed in seeds:  # seed-major: every task has a first seed before any has a third
             for task in tasks:
-                train_cell(cells[task][seed], task, seed, args.iterations, overrides)
-    report = {"model": default_model_path().name, "settings": "defaults" if not args.set else args.set,
-              "tasks": {}}
+                train_cell(cells[task][seed], task, seed, args.iterations, overrides, model)
+    # One JSON for every variant: a task's entry is replaced, the others kept.
+    report = json.loads(args.json.read_text()) if args.json.is_file() else {"tasks": {}}
     for task in tasks:
         present = {s: d for s, d in cells[task].items() if (d / "state.json").is_file()}
         if not present:
             continue
-        summary = report["tasks"][task] = report_task(task, present, at)
-        print(f"\n{task}: seeds {summary['seeds']}, held-out n={summary['n_heldout']}, "
+        summary = report["tasks"][task + variant] = report_task(task, present, at)
+        summary["model"] = default_model_path().name + (" without its chat template" if model else "")
+        summary["settings"] = args.set or "defaults"
+        print(f"\n{task}{variant}: seeds {summary['seeds']}, held-out n={summary['n_heldout']}, "
               f"base accuracy {summary['base_accuracy']:.3f}")
         print(f"  {'iteration':>9}  {'gain':>7}  {'SE':>6}  per seed")
         for t, g, se in zip(summary["iterations"], summary["gain"], summary["gain_se"]):
