@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import QesError
+from .tasks import Task, load_task
 
 
 # ---- what values a setting may take: each says what is wrong with a value, or None -------------
@@ -144,6 +145,10 @@ class Settings:
                 raise QesError(f"{option(name)} {problem}, got {value}")
         if self.shaping == "tscore" and self.batch < 2:
             raise QesError("--shaping tscore needs --batch 2 or more (it weighs each pair by its standard error)")
+
+    def load_task(self) -> Task:
+        """The task these settings name, with their reward, seed and held-out size."""
+        return load_task(self.task, self.reward, seed=self.seed, heldout=self.heldout)
 
     def resumed_with(self, given: dict[str, Any]) -> Settings:
         """These settings with ``given`` ({name: value}) applied, on a run that resumes.

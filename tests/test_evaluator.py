@@ -15,7 +15,7 @@ from llama_cpp import llama_cpp as llama
 
 from qes_edge.errors import QesError
 from qes_edge.evaluator import Completion, Evaluator
-from qes_edge.preflight import physical_cores
+from qes_edge.cpu import physical_cores
 from qes_edge.tasks import accuracy_with_stderr, load_task
 
 QUESTIONS = [

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from qes_edge import preflight
 from qes_edge.cli import cli
 from qes_edge.errors import QesError
-from qes_edge.gguf_file import ModelFile, TensorInfo
+from qes_edge.model_file import ModelFile, TensorInfo
 from qes_edge.preflight import MiB, Machine, estimate, mib, placement, shortfalls
 from qes_edge.settings import Settings
 
