@@ -1,6 +1,6 @@
 """Builds the native kernels with CMake during install, and never fails the install over them.
 
-Metadata lives in pyproject.toml; this file only adds one build step (see README, "Native kernels").
+Metadata lives in pyproject.toml; this file only adds one build step (see docs/native-kernels.md).
 ``pip install .`` puts the library into the wheel, ``pip install -e .`` into the source tree's
 ``qes_edge/kernels/_native/``.  Without cmake or a C compiler it prints one line and the
 package uses its Numba kernels.  ``QES_EDGE_BUILD_NATIVE=0`` skips the step.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -42,20 +40,6 @@ def cli():
 
 def main() -> None:
     cli(prog_name="qes-edge")
-
-
-def model_file(model: str | None):
-    """MODEL as given (a GGUF path, ollama:NAME[:TAG], or none: the default model): (its file, the
-    OllamaModel it is the blob of, or None)."""
-    from .gguf_file import default_model_path
-    from .ollama import is_reference, resolve
-
-    if model is None:
-        return default_model_path(), None
-    if is_reference(model):
-        found = resolve(model)
-        return found.blob, found
-    return Path(model), None
 
 
 def setting_options(*chosen: str):
@@ -107,7 +91,7 @@ def _load_config(ctx, param, value):
 @setting_options()
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Score the population on Ray workers: alone, a Ray instance started here; 'auto', the "
-                   "cluster running here; or a cluster's address (see README, 'A fleet').")
+                   "cluster running here; or a cluster's address (see docs/fleet.md).")
 @click.option("--workers", default=None, type=int,
               help="With --ray: how many workers (default: the cluster's CPUs / threads, at most the population).")
 @click.option("--run-dir", default=None, type=click.Path(file_okay=False, path_type=Path))
@@ -119,46 +103,27 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     """Fine-tune MODEL (default: SmolLM2-135M-Instruct Q4_1) on a task; write a tuned GGUF."""
     from tqdm import tqdm
 
-    from .fleet import Fleet, FleetOptions
-    from .gguf_file import open_model
-    from .ollama import stem as ollama_stem
-    from .replica import LocalPopulation
+    from . import api
     from .report import plot_run, sample_lines, summary_lines
-    from .run import Run, RunInUse
-    from .trainer import NoSignal, train as train_run
-    from .working_copy import export, release
 
     if ray_address is None and workers is not None:
         raise QesError("--workers goes with --ray")
     if ray_address is not None and chosen.get("parallel") is not None:
         raise QesError("--parallel goes without --ray (with --ray, each worker is a replica: see --workers)")
+    fleet = api.FleetOptions(ray_address, workers) if ray_address is not None else None
     if resume:
         if model is not None:
             raise QesError("--resume continues a run on its own model: drop MODEL")
         ctx = click.get_current_context()
         given = {k: v for k, v in chosen.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
-        run = Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
-        out = out or run.run_dir / f"{run.stem}.qes.gguf"
+        run = api.Run.load(resume, given)  # on the command line or in --config: refused if it changes the result
         announce(run)
-        base = run.open_model()
-        replicas = 1 if ray_address else preflight.replicas(base, run.settings)
-        preflight.check(base, run.settings, run.run_dir, out, fleet=ray_address is not None,
-                        replicas=replicas, live=run.live_path)
+        training = api.resume(run, out=out, fleet=fleet)
     else:
-        source, ollama = model_file(model)
-        if not source.is_file():
-            raise QesError(f"model file not found: {source}")
-        s = Settings(**chosen)
-        s.check()
-        stem = ollama_stem(ollama.reference) if ollama else source.stem
-        run_dir = run_dir or Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = out or run_dir / f"{stem}.qes.gguf"
-        base = open_model(source, train_embeddings=s.train_embeddings)
-        replicas = 1 if ray_address else preflight.replicas(base, s)
-        preflight.check(base, s, run_dir, out, fleet=ray_address is not None, replicas=replicas)
-        run = Run.create(run_dir, source, s, ollama)
-        announce(run)
-    threads = preflight.threads_per_replica(run.settings, replicas)
+        source, ollama = api.find_model(model)
+        training = api.start(source, Settings(**chosen), ollama=ollama, run_dir=run_dir, out=out, fleet=fleet)
+        announce(training.run)
+    run, replicas, threads = training.run, training.replicas, training.threads
     if replicas > 1:
         click.echo(f"candidates scored on {replicas} replicas x {threads} thread{'s' * (threads > 1)} "
                    "(--parallel, --threads)")
@@ -167,24 +132,21 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
                file=sys.stderr, disable=None)
 
     def on_heldout(iteration, result):
-        bar.write(f"held-out @ {iteration}: accuracy {result['accuracy']:.3f} ± {result['accuracy_se']:.3f} "
-                  f"(n={result['n']}), reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
+        bar.write(f"held-out @ {iteration}: accuracy {result.accuracy:.3f} ± {result.accuracy_se:.3f} "
+                  f"(n={result.n}), reward {result.reward:.3f} ± {result.reward_se:.3f}")
 
     def on_progress(p):
         postfix = {"reward": f"{p.reward:.3f}"}
         if p.heldout:
-            postfix["held-out"] = f"{p.heldout[0]:.3f}"
+            postfix["held-out"] = f"{p.heldout.accuracy:.3f}"
         if p.bytes_sent is not None:
             postfix["sent"] = f"{p.bytes_sent / 1000:.1f} kB"
         bar.set_postfix(postfix)
         bar.update(p.iteration - bar.n)
 
     try:
-        population = Fleet(run, FleetOptions(ray_address, workers)) if ray_address else \
-            LocalPopulation(run, replicas, threads)
-        result = train_run(run, population, on_progress, on_heldout)
-        export(run, out)
-    except NoSignal as e:
+        result = api.train(training, on_progress, on_heldout)
+    except api.NoSignal as e:
         bar.close()
         for line in sample_lines(e.samples):
             click.echo(line)
@@ -192,9 +154,7 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
     finally:
         bar.close()
         plot_run(run.run_dir)
-        with contextlib.suppress(RunInUse):  # another process's run: its copy is not ours to delete
-            release(run)  # 100+ MB of RAM on /dev/shm; export and --resume rebuild it when needed
-    for line in summary_lines(run.run_dir, result, out):
+    for line in summary_lines(run.run_dir, result, training.out):
         click.echo(line)
 
 
@@ -217,8 +177,8 @@ def announce(run) -> None:
               help="The model at the held-out evaluation with the highest accuracy (the earliest of ties).")
 def export(run_dir, out, ollama, recipe, iteration, best):
     """Write the model of a run (finished or not) to a GGUF."""
-    from .run import Run
-    from .working_copy import export as export_run
+    from .api import Run
+    from .api import export as export_run
 
     if best and iteration is not None:
         raise click.UsageError("--best and --iteration choose the same thing; give one")
@@ -227,7 +187,7 @@ def export(run_dir, out, ollama, recipe, iteration, best):
     if best:
         iteration, heldout = run.best_heldout()
         which = (f"iteration {iteration} of the {run.iteration} completed: the best held-out accuracy, "
-                 f"{heldout['accuracy']:.3f} ± {heldout['accuracy_se']:.3f} on {heldout['n']} items; chosen on "
+                 f"{heldout.accuracy:.3f} ± {heldout.accuracy_se:.3f} on {heldout.n} items; chosen on "
                  "those items, so new items will likely score lower")
     elif iteration is not None:
         which = f"iteration {iteration} of the {run.iteration} completed"
@@ -264,9 +224,10 @@ def export(run_dir, out, ollama, recipe, iteration, best):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def apply(recipe, base, out):
     """Rebuild a tuned GGUF, bit for bit, from a RECIPE (export --recipe) and its BASE model (a GGUF or ollama:NAME)."""
+    from .models import find_model
     from .recipe import apply_recipe
 
-    source, _ = model_file(base)
+    source, _ = find_model(base)
     run = apply_recipe(recipe, source, out)
     click.echo(f"wrote {out}: {run.base_file} + {run.iteration} iterations, sha256 as the recipe records")
 
@@ -279,28 +240,22 @@ def apply(recipe, base, out):
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(model, show, as_json, **chosen):
     """Held-out accuracy and mean reward (with standard errors) of MODEL on a task."""
-    from .evaluator import Evaluator
-    from .gguf_file import open_model
+    from . import api
     from .report import sample_lines
-    from .scorer import Scorer
-    from .tasks import load_task
-    from .tasks.prompt_format import PromptFormat
 
     s = Settings(**chosen)
     s.check()
-    path, ollama = model_file(model)
+    path, ollama = api.find_model(model)
     name = ollama.reference if ollama else path.name
-    info = open_model(path)  # a clear error for a file that is not a GGUF
-    prompts = PromptFormat.choose(s.prompt_format, name, info.has_chat_template)
-    task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-    with Evaluator(path, n_seq_max=16, n_threads=s.threads) as evaluator:
-        result = Scorer(evaluator, task, s.max_tokens or task.max_tokens, prompts).heldout(samples=show)
+    info = api.open_model(path)  # a clear error for a file that is not a GGUF
+    with api.open_scorer(path, s, info, name) as scorer:
+        result = scorer.heldout(samples=show)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(result.to_json()))
         return
-    click.echo(f"{name} on {s.task} (n={result['n']}): accuracy {result['accuracy']:.3f} ± "
-               f"{result['accuracy_se']:.3f}, mean reward {result['reward']:.3f} ± {result['reward_se']:.3f}")
-    for line in sample_lines(result["samples"]):
+    click.echo(f"{name} on {s.task} (n={result.n}): accuracy {result.accuracy:.3f} ± "
+               f"{result.accuracy_se:.3f}, mean reward {result.reward:.3f} ± {result.reward_se:.3f}")
+    for line in sample_lines(result.samples):
         click.echo(line)
 
 
@@ -312,18 +267,18 @@ def inspect(model, as_json, **chosen):
     """Tensors, types, what trains and why not, and what a run needs (and whether it fits here)."""
     from dataclasses import asdict
 
-    from .gguf_file import open_model
-    from .ollama import stem as ollama_stem
+    from .model_file import open_model
+    from .models import find_model, model_stem, tuned_file
 
     s = Settings(**chosen)
     s.check()
-    model, ollama = model_file(model)
-    stem = ollama_stem(ollama.reference) if ollama else model.stem
+    model, ollama = find_model(model)
+    stem = model_stem(model, ollama.reference if ollama else None)
     info = open_model(model, train_embeddings=s.train_embeddings)
     replicas = preflight.replicas(info, s)
     need = preflight.estimate(info, s, replicas)
     run_dir = Path("runs") / stem  # where `train` would put the run, give or take its time stamp
-    problems = preflight.shortfalls(info, s, run_dir, run_dir / f"{stem}.qes.gguf", replicas=replicas)
+    problems = preflight.shortfalls(info, s, run_dir, tuned_file(run_dir, stem), replicas=replicas)
     if as_json:
         click.echo(json.dumps({
             "model": str(model), "tensors": [
@@ -339,7 +294,7 @@ def inspect(model, as_json, **chosen):
     click.echo(f"{len(info.trainable)} of {len(info.tensors)} tensors trainable, "
                f"{info.trainable_codes:,} codes")
     click.echo(f"a run with --batch {s.batch} --residual {s.residual} --parallel {replicas} needs "
-               "(estimated, see README):")
+               "(estimated, see docs/usage.md, 'The preflight'):")
     for line in need.lines():
         click.echo(f"  {line}")
     click.echo("fits here" if not problems else "does not fit here: " + "; ".join(problems))

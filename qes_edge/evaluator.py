@@ -25,12 +25,14 @@ from llama_cpp import llama_cpp as llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from qes_edge.errors import QesError
-from qes_edge.preflight import physical_cores
+from qes_edge.cpu import physical_cores
 
 Message = Mapping[str, str]
 # A plain string, chat messages [{"role": ..., "content": ...}], or token ids.
 Prompt = Union[str, Sequence[Message], Sequence[int]]
 
+CONTEXT_PER_PROMPT = 512  # KV cells each prompt's sequence gets: n_ctx = CONTEXT_PER_PROMPT x n_seq_max
+BATCH_TOKENS = 512  # the most tokens one forward pass takes (n_batch)
 GGML_LOG_LEVEL_ERROR = 3
 GGML_LOG_LEVEL_CONT = 5
 
@@ -134,7 +136,7 @@ class Evaluator:
         *,
         n_seq_max: int = 16,
         n_ctx: int | None = None,
-        n_batch: int = 512,
+        n_batch: int = BATCH_TOKENS,
         n_threads: int | None = None,
         flash_attn: bool = False,
         repack: bool = False,
@@ -167,7 +169,7 @@ class Evaluator:
 
         context_params = llama.llama_context_default_params()
         context_params.n_seq_max = n_seq_max
-        context_params.n_ctx = n_ctx or 512 * n_seq_max
+        context_params.n_ctx = n_ctx or CONTEXT_PER_PROMPT * n_seq_max
         # One forward pass per llama_decode: we decide how tokens are grouped.
         context_params.n_batch = context_params.n_ubatch = n_batch
         context_params.n_threads = context_params.n_threads_batch = self.n_threads

@@ -41,7 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QesError
-from .gguf_file import file_sha256
+from .files import file_sha256
+from .metrics import FleetReport, HeldOut
+from .population import Population
 from .replica import Replica
 from .run import Run
 from .working_copy import WorkingCopy
@@ -86,7 +88,7 @@ class Worker:
             driver = Run.from_state(self.dir, self.state)
             self.run = dataclasses.replace(driver, live_path=None,
                                            settings=dataclasses.replace(driver.settings, threads=self.threads))
-            self.replica = Replica(WorkingCopy(self.run), self.run.open_model(), self.run.load_task())
+            self.replica = Replica(WorkingCopy(self.run), *self.run.inputs())
         except Exception as e:
             self.failure = f"{e}" if isinstance(e, QesError) else f"{type(e).__name__}: {e}"
             raise
@@ -108,7 +110,7 @@ class Worker:
         return stepped, blocked, replica.weights_sha256()
 
     def heldout(self) -> dict:
-        return self._replica().heldout()
+        return self._replica().heldout().to_json()  # as JSON: what the driver counts as sent is the same
 
     def close(self) -> None:
         if self.replica is not None:
@@ -118,14 +120,13 @@ class Worker:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Fleet:
-    """The run's population on Ray workers (see :mod:`qes_edge.replica` for what a population offers)."""
+class Fleet(Population):
+    """The run's population on Ray workers."""
 
     def __init__(self, run: Run, options: FleetOptions):
         if (options.workers or 1) < 1:
             raise QesError(f"--workers must be at least 1, got {options.workers}")
-        run.prompt_format(run.open_model())  # a bad model or task fails here, before Ray starts, not on every worker
-        run.load_task()
+        run.inputs()  # a bad model or task fails here, before Ray starts, not on every worker
         self.ray = _import_ray()
         self.run, self.options = run, options
         self.threads = run.settings.threads or 1
@@ -160,9 +161,6 @@ class Fleet:
     def __exit__(self, *exc):
         self.close()
 
-    def dirty(self):
-        return contextlib.nullcontext()  # the workers' copies are rebuilt whenever one starts
-
     def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
         """{(pair, sign): per-prompt rewards}; candidates go to whichever worker is free."""
         queue = collections.deque((p, sign) for p in range(len(seeds)) for sign in (1, -1))
@@ -193,8 +191,10 @@ class Fleet:
             return None
         return rewards
 
-    def apply(self, history: list) -> tuple[int, int]:
-        """Broadcast this iteration's (seeds, weights); every replica applies it and reports its weights' sha256."""
+    @contextlib.contextmanager
+    def updated(self, history: list):
+        """Broadcast this iteration's (seeds, weights); every replica applies it and reports its weights' sha256.
+        Nothing to mark: a worker's copy is rebuilt from the checkpoint whenever one starts."""
         seeds, weights = history[-1]
         refs = {index: worker.apply.remote(seeds, weights) for index, worker in self.workers.items()}
         self._count((seeds, weights), times=len(refs))
@@ -210,28 +210,28 @@ class Fleet:
             if rows == len(history):  # joined during this broadcast, built with this update: compare it too
                 digests[index] = digest
         self._agree(digests, f"after iteration {len(history)}")
-        return stepped or (None, None)
+        yield stepped or (None, None)
 
     def _agree(self, digests: dict, when: str) -> None:
         self.weights_sha256 = agreed_weights(digests, {i: self.where[i]["host"] for i in digests}, when) \
             or self.weights_sha256
 
-    def heldout(self) -> dict:
+    def heldout(self) -> HeldOut:
         while True:
             index = next(iter(self.workers))
             try:
                 result = self._get(self.workers[index].heldout.remote(), index)
                 self._count(result)
-                return result
+                return HeldOut.from_json(result)
             except _WorkerDied:
                 self._replace(index)
 
-    def report(self) -> dict:
+    def report(self) -> FleetReport:
         """This iteration's traffic and fleet state, for the metrics line and progress bar."""
-        line = {"bytes_sent": self.sent, "workers": len(self.workers), "workers_replaced": self.replaced,
-                "weights_sha256": self.weights_sha256[:16] if self.weights_sha256 else None}
+        report = FleetReport(self.sent, len(self.workers), self.replaced,
+                             self.weights_sha256[:16] if self.weights_sha256 else None)
         self.sent = self.replaced = 0
-        return line
+        return report
 
     def close(self) -> None:
         workers, self.workers = self.workers, {}

@@ -11,8 +11,6 @@ batch, as :class:`qes_edge.evaluator.Evaluator` asks llama.cpp for it: one
 512-token batches (the batch's logits dominate; estimated).  The process's own
 memory (Python, numpy, Numba, llama.cpp's code) is the figure measured on the
 default model.
-
-Kept free of numpy and llama.cpp so that ``inspect`` starts at once.
 """
 
 from __future__ import annotations
@@ -21,15 +19,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cpu import physical_cores
 from .errors import QesError
-from .gguf_file import ModelFile
+from .evaluator import BATCH_TOKENS, CONTEXT_PER_PROMPT  # the context a replica's evaluator asks for
+from .model_file import ModelFile
+from .residual import HEADER_BYTES as SIDECAR_HEADER_BYTES
 from .settings import Settings
 
 MiB = 2**20
-CONTEXT_PER_PROMPT = 512  # Evaluator: n_ctx = 512 x n_seq_max, and n_seq_max is the batch
-BATCH_TOKENS = 512  # Evaluator's n_batch
 PROCESS_BYTES = 128 * MiB  # measured: 115 MiB besides the items below, a default run on the dev machine
-SIDECAR_HEADER = 128  # residual.HEADER_BYTES (residual.py needs numpy, so not imported)
 SHM = Path("/dev/shm")
 
 
@@ -93,7 +91,7 @@ def estimate(model: ModelFile, settings: Settings, replicas: int = 1) -> Estimat
     return Estimate(
         replicas=replicas,
         working_copy=replicas * model.file_size,
-        sidecar=SIDECAR_HEADER + 2 * codes if settings.residual_kind == "sidecar" else 0,
+        sidecar=SIDECAR_HEADER_BYTES + 2 * codes if settings.residual_kind == "sidecar" else 0,
         gating=(codes + 7) // 8,
         kv_cache=replicas * prompts * kv_per_prompt,
         llama_buffers=replicas * (BATCH_TOKENS * (logits_row + 4 * n_head * CONTEXT_PER_PROMPT) + prompts * logits_row),
@@ -129,28 +127,6 @@ class Machine:
         except (OSError, ValueError, IndexError):
             pass
         return None
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on: llama.cpp is slower on SMT siblings."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    cores, processor, physical = set(), None, "0"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "processor":
-                    processor = int(value)
-                elif key == "physical id":
-                    physical = value
-                elif key == "core id" and (allowed is None or processor in allowed):
-                    cores.add((physical, value))
-    except (OSError, ValueError):
-        cores = set()
-    if cores:
-        return len(cores)
-    return len(allowed) if allowed else (os.cpu_count() or 1)
 
 
 def replicas(model: ModelFile, settings: Settings, machine: Machine | None = None) -> int:

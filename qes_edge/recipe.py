@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import __version__, settings
 from .errors import QesError
-from .gguf_file import atomic_output, file_sha256
+from .files import atomic_output, file_sha256
 from .kernels import SCHEME
 from .run import STATE_VERSION, Run, write_atomically
 from .working_copy import export

@@ -1,18 +1,8 @@
 """A replica of the run, and the population that scores every candidate in this process on its replicas.
 
-A population is what the ES loop (:func:`qes_edge.trainer.train`) asks to
-score candidates and take updates.  Besides :class:`LocalPopulation` there is
-:class:`qes_edge.fleet.Fleet`, whose Ray workers each hold a :class:`Replica`.
-A population offers:
-
-- ``with population:`` its replicas open at the run's checkpoint, closed after;
-- ``with population.dirty():`` the span in which its copies may differ from
-  the checkpoint (:mod:`qes_edge.working_copy`);
-- ``score(seeds, iteration, stop)``: {(pair, sign): per-prompt rewards}, or
-  None when ``stop.requested`` cut the iteration short (every copy restored);
-- ``apply(history)``: the last row of ``history`` applied to every replica,
-  (codes stepped, steps blocked);
-- ``heldout()``: held-out accuracy and reward; ``report()``: extra metrics.
+A :class:`Replica` is a working copy at the run's checkpoint with a scorer of
+its own; :class:`LocalPopulation` holds one or several, and
+:class:`qes_edge.fleet.Fleet`'s Ray workers each hold one.
 """
 
 from __future__ import annotations
@@ -26,12 +16,13 @@ import numpy as np
 
 from .errors import QesError
 from .es import iteration_batch, iteration_seeds
-from .evaluator import Evaluator
 from .faults import crash_point
-from .gguf_file import ModelFile
 from .kernels import support_seed
+from .metrics import HeldOut
+from .model_file import ModelFile
+from .population import Population
 from .run import Run
-from .scorer import Scorer, heldout_result
+from .scorer import open_scorer
 from .tasks import Task
 from .working_copy import Mirror, WorkingCopy
 
@@ -44,15 +35,14 @@ class Replica:
 
     def __init__(self, copy: WorkingCopy | Mirror, model: ModelFile, task: Task, threads: int | None = None):
         s = copy.run.settings
-        prompts = copy.run.prompt_format(model)
         self.copy, self.task, self.settings = copy.open(model), task, s
         try:
-            self.evaluator = Evaluator(copy.path, n_seq_max=max(s.batch, 1), n_threads=threads or s.threads)
+            self.scorer = open_scorer(copy.path, s, model, copy.run.base_file, n_seq_max=max(s.batch, 1),
+                                      threads=threads, task=task)
         except BaseException:
             copy.close()
             raise
-        self.copy.space.threads = self.evaluator.n_threads  # its kernels keep to its share of the cores
-        self.scorer = Scorer(self.evaluator, task, s.max_tokens or task.max_tokens, prompts, s.signal)
+        self.copy.space.threads = self.scorer.evaluator.n_threads  # its kernels keep to its share of the cores
         self.worn: tuple[int, int] | None = None  # (seed, support) of a perturbation left on the copy
 
     def rewards(self, signed_seed: int, iteration: int, keep: bool = False) -> list[float]:
@@ -92,18 +82,18 @@ class Replica:
         """This iteration's update (the last row of ``history``); returns (codes stepped, steps blocked)."""
         return self.copy.update(history)
 
-    def heldout(self) -> dict:
+    def heldout(self) -> HeldOut:
         return self.scorer.heldout()
 
     def weights_sha256(self) -> str:
         return self.copy.weights_sha256()
 
     def close(self) -> None:
-        self.evaluator.close()
+        self.scorer.close()
         self.copy.close()
 
 
-class LocalPopulation:
+class LocalPopulation(Population):
     """Every candidate scored in this process: on one replica, or on several side by side.
 
     The first replica is the run's working copy; each other one is a
@@ -116,7 +106,7 @@ class LocalPopulation:
 
     def __init__(self, run: Run, replicas: int = 1, threads: int | None = None):
         self.run = run
-        self.model, self.task = run.open_model(), run.load_task()  # a bad model or task fails before any work
+        self.model, self.task = run.inputs()  # a bad model or task fails before any work
         self.copy = WorkingCopy(run)
         self.size, self.threads = replicas, threads
         self.replicas: list[Replica] = []
@@ -136,41 +126,31 @@ class LocalPopulation:
             replica.close()
         self.replicas = []
 
-    @contextlib.contextmanager
-    def dirty(self):
-        self.copy.mark_dirty()
-        yield
-        self.copy.mark_clean()
-
     def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
         candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1)]
-        try:
+        with self.copy.changing(restored_on=QesError):  # a QesError comes with every candidate taken off
             try:
                 rewards = self._share(candidates, lambda replica, c: replica.rewards(c[1] * int(seeds[c[0]]),
                                                                                      iteration, keep=True), stop)
             finally:
                 for replica in self.replicas:
                     replica.take_off()
-        except QesError:
-            self.copy.mark_clean()  # every candidate was restored: the copy is the checkpoint again
-            raise
         return None if stop.requested else dict(zip(candidates, rewards))
 
-    def apply(self, history: list) -> tuple[int, int]:
-        result = self.replicas[0].apply(history)
-        for mirror in self.replicas[1:]:
-            mirror.copy.follow()
-        return result
+    @contextlib.contextmanager
+    def updated(self, history: list):
+        with self.copy.changing():
+            result = self.replicas[0].apply(history)
+            for mirror in self.replicas[1:]:
+                mirror.copy.follow()
+            yield result
 
-    def heldout(self) -> dict:
+    def heldout(self) -> HeldOut:
         items = self.task.heldout
-        wave = self.replicas[0].evaluator.n_seq_max  # what one replica decodes together
+        wave = self.replicas[0].scorer.evaluator.n_seq_max  # what one replica decodes together
         waves = [items[i:i + wave] for i in range(0, len(items), wave)]
         judged = self._share(waves, lambda replica, w: replica.scorer.judge(w))
-        return heldout_result(items, [row for rows in judged for row in rows])
-
-    def report(self) -> dict:
-        return {}
+        return HeldOut.of(items, [row for rows in judged for row in rows])
 
     def _share(self, jobs: list, work: Callable, stop=None) -> list:
         """[work(replica, job) for job in jobs], each job done by whichever replica is free (None for a job

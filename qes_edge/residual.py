@@ -70,7 +70,7 @@ class SidecarResidual:
     """
 
     def __init__(self, path: Path, header_sha256: str, n_codes: int):
-        """``header_sha256``: the base model's (:attr:`qes_edge.gguf_file.ModelFile.header_sha256`)."""
+        """``header_sha256``: the base model's (:attr:`qes_edge.model_file.ModelFile.header_sha256`)."""
         self.path = Path(path)
         self.header_sha256 = header_sha256
         self.n_codes = n_codes

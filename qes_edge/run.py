@@ -31,11 +31,14 @@ import numpy as np
 from . import __version__
 from .errors import QesError
 from .faults import crash_point
-from .gguf_file import ModelFile, atomic_output, file_sha256, open_model
+from .files import atomic_output, file_sha256
+from .model_file import ModelFile, open_model
 from .kernels import SCHEME
-from .ollama import OllamaModel, stem as ollama_stem
+from .metrics import HeldOut, MetricsLine
+from .models import model_stem
+from .ollama import OllamaModel
 from .settings import Settings
-from .tasks import Task, load_task
+from .tasks import Task
 from .tasks.prompt_format import PromptFormat
 
 STATE_VERSION = 1
@@ -87,7 +90,7 @@ class Run:
     @property
     def stem(self) -> str:
         """A file-name stem for the run's model (the tuned GGUF's default name)."""
-        return ollama_stem(self.base_file) if self.ollama else self.source.stem
+        return model_stem(self.source, self.base_file if self.ollama else None)
 
     @classmethod
     def create(cls, run_dir: Path, source: Path, settings: Settings, ollama: OllamaModel | None = None) -> Run:
@@ -161,7 +164,7 @@ class Run:
     def save(self) -> None:
         write_atomically(self.files.state, json.dumps(self.to_state(), indent=1).encode())
 
-    def checkpoint(self, line: dict) -> None:
+    def checkpoint(self, line: MetricsLine) -> None:
         """End an iteration: its metrics line, then state.json (the checkpoint itself)."""
         self.append_metrics(line)
         self.save()
@@ -183,25 +186,25 @@ class Run:
 
     def truncate_metrics(self) -> None:
         """Drop lines past the checkpoint (written before a crash cut the iteration short)."""
-        kept = [m for m in read_metrics(self.run_dir) if m["iteration"] <= self.iteration]
-        write_atomically(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept).encode())
+        kept = [m for m in read_metrics(self.run_dir) if m.iteration <= self.iteration]
+        write_atomically(self.files.metrics, "".join(json.dumps(m.to_json()) + "\n" for m in kept).encode())
 
-    def append_metrics(self, line: dict) -> None:
+    def append_metrics(self, line: MetricsLine) -> None:
         with open(self.files.metrics, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(json.dumps(line.to_json()) + "\n")
 
-    def best_heldout(self) -> tuple[int, dict]:
+    def best_heldout(self) -> tuple[int, HeldOut]:
         """The completed iteration with the highest recorded held-out accuracy (the earliest of ties), and its result."""
-        evaluated = [(m["iteration"], m["heldout"]) for m in read_metrics(self.run_dir)
-                     if "heldout" in m and m["iteration"] <= self.iteration]
+        evaluated = [(m.iteration, m.heldout) for m in read_metrics(self.run_dir)
+                     if m.heldout and m.iteration <= self.iteration]
         if not evaluated:
             raise QesError(f"{self.run_dir} has no held-out evaluation yet; choose one with --iteration")
-        return max(evaluated, key=lambda e: (e[1]["accuracy"], -e[0]))
+        return max(evaluated, key=lambda e: (e[1].accuracy, -e[0]))
 
-    def heldout(self, iteration: int) -> dict | None:
+    def heldout(self, iteration: int) -> HeldOut | None:
         """The held-out result recorded at ``iteration``, if there is one."""
-        return next((m["heldout"] for m in read_metrics(self.run_dir) if m["iteration"] == iteration
-                     and "heldout" in m), None)
+        return next((m.heldout for m in read_metrics(self.run_dir) if m.iteration == iteration and m.heldout),
+                    None)
 
     # -- what the run trains and on what --
 
@@ -214,16 +217,11 @@ class Run:
             raise QesError(f"{self.source} has no trainable tensors ({'; '.join(reasons)})")
         return model
 
-    def load_task(self) -> Task:
-        """The run's task; a QesError when it cannot give the ``--signal`` asked for."""
-        s = self.settings
-        task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-        task.signal(s.signal)
-        return task
-
-    def prompt_format(self, model: ModelFile) -> PromptFormat:
-        """How the task's items reach the source model (``model``): chat turns or plain text."""
-        return PromptFormat.choose(self.settings.prompt_format, self.base_file, model.has_chat_template)
+    def inputs(self) -> tuple[ModelFile, Task]:
+        """The run's source model and task, its prompt format checked for the model: a bad one fails here."""
+        model, task = self.open_model(), self.settings.load_task()
+        PromptFormat.choose(self.settings.prompt_format, self.base_file, model.has_chat_template)
+        return model, task
 
     def provenance(self) -> dict:
         """The tuned GGUF's qes.* records: where it came from and the settings that made it."""
@@ -234,16 +232,17 @@ class Run:
         return records
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path) -> list[MetricsLine]:
     path = RunFiles(run_dir).metrics
     if not path.exists():
         return []
     lines = []
     for text in path.read_text().splitlines():
         try:
-            lines.append(json.loads(text))
+            fields = json.loads(text)
         except ValueError:
             break  # a line torn by a crash: everything after it is redone
+        lines.append(MetricsLine.from_json(fields))
     return lines
 
 

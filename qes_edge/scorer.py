@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from .evaluator import Evaluator
-from .tasks import Item, Task, accuracy_with_stderr, mean_with_stderr
-from .tasks.prompt_format import PromptFormat
+from pathlib import Path
 
-SAMPLES = 3  # held-out items whose completions a held-out result keeps (the first ones: the same every time)
+from .evaluator import Evaluator
+from .metrics import SAMPLES, HeldOut
+from .model_file import ModelFile
+from .settings import Settings
+from .tasks import Item, Task
+from .tasks.prompt_format import PromptFormat
 
 
 class Scorer:
     """A task's rewards and verdicts for the completions of an evaluator's model, its prompts in ``prompts``.
 
     ``signal`` is what :meth:`rewards` gives the trainer (see :meth:`Task.signal`): the task's reward of
-    each greedy completion, or the likelihood of each item's reference reply.
+    each greedy completion, or the likelihood of each item's reference reply.  The scorer owns its
+    evaluator: closing the scorer closes it.
     """
 
     def __init__(self, evaluator: Evaluator, task: Task, max_tokens: int, prompts: PromptFormat,
@@ -39,9 +43,9 @@ class Scorer:
             self._replies[id(item)] = self.evaluator.reply_tokens(prompt, self.prompts.reply(item))
         return self._replies[id(item)]
 
-    def heldout(self, samples: int = SAMPLES) -> dict:
-        """Accuracy and mean reward on the task's held-out items (see :func:`heldout_result`)."""
-        return heldout_result(self.task.heldout, self.judge(self.task.heldout), samples)
+    def heldout(self, samples: int = SAMPLES) -> HeldOut:
+        """Accuracy and mean reward on the task's held-out items."""
+        return HeldOut.of(self.task.heldout, self.judge(self.task.heldout), samples)
 
     def judge(self, items: list[Item]) -> list[tuple[str, float, bool]]:
         """(completion, reward, correct) of each item."""
@@ -52,17 +56,27 @@ class Scorer:
             [self.task.reward(c.text, i) for c, i in zip(completions, items)]
         return [(c.text, r, bool(k)) for c, r, k in zip(completions, rewards, correct)]
 
+    def close(self) -> None:
+        self.evaluator.close()
 
-def heldout_result(items: list[Item], judged: list[tuple[str, float, bool]], samples: int = SAMPLES) -> dict:
-    """Accuracy and mean reward on held-out items, with their standard errors; each item's verdict and
-    reward; and (question, answer, completion, reward, correct) of the first ``samples``.  ``judged``: each
-    item's (completion, reward, correct), as :meth:`Scorer.judge` gives them."""
-    correct = [k for _, _, k in judged]
-    rewards = [r for _, r, _ in judged]
-    accuracy, accuracy_se = accuracy_with_stderr(correct)
-    reward, reward_se = mean_with_stderr(rewards)
-    shown = [{"prompt": i.question, "answer": i.answer, "completion": c, "reward": r, "correct": k}
-             for i, (c, r, k) in zip(items[:samples], judged)]
-    return {"n": len(items), "accuracy": accuracy, "accuracy_se": accuracy_se,
-            "reward": reward, "reward_se": reward_se, "correct": [int(k) for k in correct],
-            "rewards": rewards, "samples": shown}
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_scorer(path: Path, settings: Settings, model: ModelFile, name: str | None = None, *, n_seq_max: int = 16,
+                threads: int | None = None, task: Task | None = None) -> Scorer:
+    """A scorer of the GGUF at ``path`` on the settings' task (or ``task``).
+
+    ``model`` is the model as its source file describes it (``path`` may be a
+    working copy of it) and ``name`` the model as the user named it (default:
+    its file name): ``--prompt-format`` is chosen for them, as a run chooses
+    it.  Prompts are decoded ``n_seq_max`` at a time on ``threads`` threads
+    (default: ``--threads``, else the physical cores).
+    """
+    task = task or settings.load_task()
+    prompts = PromptFormat.choose(settings.prompt_format, name or model.path.name, model.has_chat_template)
+    evaluator = Evaluator(path, n_seq_max=n_seq_max, n_threads=threads or settings.threads)
+    return Scorer(evaluator, task, settings.max_tokens or task.max_tokens, prompts, settings.signal)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import QesError
+from .tasks import Task, load_task
 
 
 # ---- what values a setting may take: each says what is wrong with a value, or None -------------
@@ -118,7 +119,7 @@ class Settings:
                             check=OneOf(("sidecar", "replay")), recorded_as=lambda s: s.residual_kind)
     window: int = setting(50, "Replay window K (iterations).", check=AtLeast(0))
     error_feedback: bool = setting(True, "Plain round(alpha*g): the paper's control.", recorded=False)
-    shaping: str = setting("tscore", "How rewards become pair coefficients (see README).",
+    shaping: str = setting("tscore", "How rewards become pair coefficients (see docs/how-it-works.md).",
                            check=OneOf(("tscore", "zscore", "rank")), recorded=False)
     seed: int = setting(0, "Run seed: the task's split, each iteration's prompts and perturbations.")
     heldout: int = setting(128, "Held-out items for accuracy.", check=AtLeast(1), recorded=False)
@@ -150,6 +151,13 @@ class Settings:
                 raise QesError(f"{option(name)} {problem}, got {value}")
         if self.shaping == "tscore" and self.batch < 2:
             raise QesError("--shaping tscore needs --batch 2 or more (it weighs each pair by its standard error)")
+
+    def load_task(self) -> Task:
+        """The task these settings name, with their reward, seed and held-out size; a QesError when it
+        cannot give the ``--signal`` asked for."""
+        task = load_task(self.task, self.reward, seed=self.seed, heldout=self.heldout)
+        task.signal(self.signal)
+        return task
 
     def resumed_with(self, given: dict[str, Any]) -> Settings:
         """These settings with ``given`` ({name: value}) applied, on a run that resumes.

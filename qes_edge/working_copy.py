@@ -11,8 +11,9 @@ otherwise it is rebuilt from the source by replaying every recorded update.
 Updates are a deterministic function of (seeds, weights), so a run killed at
 any point resumes to the bytes an uninterrupted run gives.  Clean means:
 
-- no ``live.dirty``: it is there from an iteration's first perturbation until
-  the iteration's checkpoint is written, and while a copy is rebuilt;
+- no ``live.dirty``: it is there while candidates are on the copy, from an
+  update until the iteration's checkpoint is written, and while a copy is
+  rebuilt (:meth:`WorkingCopy.changing`, the one place that marks it);
 - no ``live.unsynced``, or one naming this boot.  Updates are not synced to
   disk every iteration: a killed process leaves its writes in the page cache,
   where the next process reads them, and only a power loss can lose them.  So
@@ -24,6 +25,7 @@ any point resumes to the bytes an uninterrupted run gives.  Clean means:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
@@ -33,7 +35,9 @@ import numpy as np
 
 from .errors import QesError
 from .faults import crash_point
-from .gguf_file import ModelFile, export_model, file_sha256, make_working_copy, weights_sha256
+from .files import file_sha256, make_working_copy
+from .gguf_export import export_model
+from .model_file import ModelFile, weights_sha256
 from .kernels import CodeSpace, TensorSlot
 from .preflight import placement
 from .residual import NoResidual, ReplayResidual, SidecarResidual
@@ -77,19 +81,25 @@ class WorkingCopy:
             self.buf, self.space, self.store = _mapped(self.run, model, self.path, self.files.residual)
         else:
             self.run.live_path = self._place()
-            self.mark_dirty()
-            self.run.save()  # where the copy is, so that release finds it even if this process dies
-            self.buf, self.space, self.store = replay(self.run, model, self.path, self.files.residual)
-            self.mark_clean()
+            with self.changing():
+                self.run.save()  # where the copy is, so that release finds it even if this process dies
+                self.buf, self.space, self.store = replay(self.run, model, self.path, self.files.residual)
         self.boot = boot_id()
         if self.boot:
             write_atomically(self.files.unsynced, self.boot.encode())
         return self
 
-    def mark_dirty(self) -> None:
+    @contextlib.contextmanager
+    def changing(self, restored_on: type[BaseException] | tuple = ()):
+        """The span in which the copy may differ from the checkpoint: ``live.dirty`` is there from its start
+        to its end.  When the span ends in an exception the marker stays (the next session rebuilds the copy),
+        unless the exception is one of ``restored_on``: raised with the copy at the checkpoint again."""
         self.files.dirty.touch()
-
-    def mark_clean(self) -> None:
+        try:
+            yield
+        except restored_on:
+            self.files.dirty.unlink()
+            raise
         self.files.dirty.unlink()
 
     def update(self, history: list) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from llama_cpp import Llama
 from llama_cpp import llama_cpp as llama
 
 from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import default_model_path
+from qes_edge.models import default_model_path
 
 TOPICS = [
     "the moon", "bread", "volcanoes", "the internet", "honey bees", "chess", "rain", "bicycles",

@@ -38,10 +38,8 @@ from llama_cpp import llama_cpp as llama
 
 from qes_edge.convert import convert_matrices
 from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
-from qes_edge.scorer import Scorer
-from qes_edge.tasks import load_task
-from qes_edge.tasks.prompt_format import PromptFormat
+from qes_edge.files import make_working_copy
+from qes_edge.api import Settings, default_model_path, open_model, open_scorer
 
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K_M")
 
@@ -82,11 +80,10 @@ def edits_reach(model: Path, repack: bool, work: Path, threads: int | None) -> b
 
 
 def heldout_accuracy(model: Path, threads: int | None, n: int) -> tuple[float, float]:
-    task = load_task("arithmetic", seed=0, heldout=n)
-    prompts = PromptFormat.choose("auto", model.name, open_model(model).has_chat_template)
-    with Evaluator(model, n_seq_max=16, n_threads=threads) as ev:
-        result = Scorer(ev, task, task.max_tokens, prompts).heldout()
-    return result["accuracy"], result["accuracy_se"]
+    settings = Settings(task="arithmetic", prompt_format="auto", seed=0, heldout=n)
+    with open_scorer(model, settings, open_model(model), threads=threads) as scorer:
+        result = scorer.heldout()
+    return result.accuracy, result.accuracy_se
 
 
 def main() -> None:

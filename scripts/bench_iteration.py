@@ -50,7 +50,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from qes_edge.gguf_file import default_model_path
+from qes_edge.models import default_model_path
 from qes_edge.settings import Settings
 
 OVERRIDABLE = ("iterations", "population", "batch", "sigma", "alpha", "threads", "heldout")
@@ -98,14 +98,14 @@ def settings_from(args) -> Settings:
 
 
 def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int) -> dict:
-    from qes_edge.gguf_file import file_sha256
+    from qes_edge import api
+    from qes_edge.files import file_sha256
     from qes_edge.kernels import CodeSpace
     from qes_edge.replica import LocalPopulation
     from qes_edge.residual import ReplayResidual, SidecarResidual
     from qes_edge.run import Run, read_metrics
     from qes_edge.scorer import Scorer
-    from qes_edge.trainer import train
-    from qes_edge.working_copy import Mirror, WorkingCopy, export, release
+    from qes_edge.working_copy import Mirror, WorkingCopy
 
     clock = Clock()
     clock.wrap(Scorer, "rewards", "inference")
@@ -118,13 +118,11 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     clock.wrap(WorkingCopy, "sync", "sync")
     clock.wrap(Run, "append_metrics", "metrics")
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
-        run = Run.create(Path(tmp) / "run", model, settings)
-        started = time.perf_counter()
-        train(run, LocalPopulation(run, replicas, threads))
-        total = time.perf_counter() - started
-        weights = file_sha256(export(run, Path(tmp) / "tuned.gguf"))
-        steps = [m for m in read_metrics(run.run_dir) if "score_s" in m]
-        release(run)
+        training = api.start(model, settings, run_dir=Path(tmp) / "run", out=Path(tmp) / "tuned.gguf",
+                             replicas=replicas, threads=threads)
+        total = api.train(training).seconds
+        weights = file_sha256(training.out)
+        steps = [m.step for m in read_metrics(training.run.run_dir) if m.step]
         run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     n = settings.iterations
     seconds = dict(clock.seconds)
@@ -134,7 +132,7 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
     # An iteration: scoring and the update, as the trainer times them, and its checkpoint and metrics writes;
     # what else the run took (copies made, models loaded: once per run) is its set-up.
     writes = (seconds.get("checkpoint", 0.0) + seconds.get("metrics", 0.0)) / n
-    iteration = sum(m["score_s"] + m["update_s"] for m in steps) / n + writes
+    iteration = sum(m.score_s + m.update_s for m in steps) / n + writes
     setup = total - heldout - sync - n * iteration
     inference = seconds["inference"] / n  # summed over the replicas
     qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "update", "follow", "checkpoint", "metrics")}
@@ -153,26 +151,19 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
 
 def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
     """Run in a child process: peak RSS and PSS of inference only, or of training with a residual store."""
+    from qes_edge import api
     from qes_edge.es import iteration_batch
-    from qes_edge.evaluator import Evaluator
-    from qes_edge.gguf_file import make_working_copy, open_model
-    from qes_edge.replica import LocalPopulation
-    from qes_edge.run import Run
+    from qes_edge.files import make_working_copy
+    from qes_edge.model_file import open_model
     from qes_edge.scorer import Scorer
-    from qes_edge.tasks import load_task
-    from qes_edge.tasks.prompt_format import PromptFormat
-    from qes_edge.trainer import train
-    from qes_edge.working_copy import release
 
     peak_pss = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) \
             as tmp:
         if mode == "infer":
             live = make_working_copy(model, Path(tmp) / "live.gguf")
-            task = load_task(settings.task, settings.reward, seed=settings.seed, heldout=settings.heldout)
-            with Evaluator(live, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-                prompts = PromptFormat.choose(settings.prompt_format, model.name, open_model(model).has_chat_template)
-                scorer = Scorer(evaluator, task, settings.max_tokens or task.max_tokens, prompts)
+            with api.open_scorer(live, settings, open_model(model), n_seq_max=settings.batch) as scorer:
+                task = scorer.task
                 for t in range(settings.iterations):
                     batch = iteration_batch(task, settings.seed, t, settings.batch)
                     for _ in range(settings.population):
@@ -191,10 +182,11 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
             Scorer.rewards = sampled
             store = mode.removeprefix("train-")
             run_dir = Path(tmp) / "run"
-            run = Run.create(run_dir, model, dataclasses.replace(settings, residual=store))
-            train(run, LocalPopulation(run, 1, settings.threads))
+            training = api.start(model, dataclasses.replace(settings, residual=store), run_dir=run_dir, replicas=1,
+                                 threads=settings.threads)
+            training.out = None
+            api.train(training)
             peak_pss = max(peak_pss, pss_mb())
-            release(run)
             sidecar = run_dir / "residual.bin"
             sidecar_bytes = sidecar.stat().st_size if sidecar.exists() else 0
     return {"peak_rss_mb": peak_rss_mb(), "peak_pss_mb": peak_pss, "sidecar_bytes": sidecar_bytes}
@@ -258,7 +250,7 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     from qes_edge import preflight
-    from qes_edge.gguf_file import open_model
+    from qes_edge.model_file import open_model
 
     replicas = preflight.replicas(open_model(args.model), settings)
     single = time_breakdown(args.model, settings, 1, settings.threads or preflight.physical_cores())

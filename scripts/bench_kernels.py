@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge.formats import format_of
-from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
+from qes_edge.files import make_working_copy
+from qes_edge.model_file import open_model
+from qes_edge.models import default_model_path
 from qes_edge.kernels import CodeSpace, TensorSlot, native
 from qes_edge.residual import ReplayResidual, SidecarResidual
 

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qes_edge.gguf_file import default_model_path, open_model, weights_sha256
+from qes_edge.model_file import open_model, weights_sha256
+from qes_edge.models import default_model_path
 
 QUICK = ["--population", "2", "--batch", "2", "--heldout", "4", "--max-tokens", "8", "--force"]  # timing, signal or not
 CONFIGS = [

@@ -42,11 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qes_edge.api import default_model_path, open_model, open_scorer
 from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import default_model_path, open_model
 from qes_edge.run import Run, read_metrics
-from qes_edge.scorer import Scorer
-from qes_edge.tasks import load_task
 from qes_edge.tasks.arithmetic import STRICT
 from qes_edge.tasks.prompt_format import PromptFormat
 
@@ -118,14 +116,13 @@ def form_and_skill(run_dir: Path, task_name: str, iteration: int) -> dict:
     if cache.is_file():
         return json.loads(cache.read_text())
     run = Run.load(run_dir)
-    task = run.load_task()
+    task = run.settings.load_task()
     answers = {item.answer.strip() for item in task.train + task.heldout}
     with tempfile.TemporaryDirectory() as scratch:
         model = Path(scratch) / "model.gguf"
         qes_edge("export", str(run_dir), "--iteration", str(iteration), "--out", str(model))
-        with Evaluator(model, n_seq_max=16) as evaluator:
-            prompts = run.prompt_format(open_model(run.source))
-            scorer = Scorer(evaluator, task, run.settings.max_tokens or task.max_tokens, prompts)
+        with open_scorer(model, run.settings, open_model(run.source), run.base_file, task=task) as scorer:
+            evaluator, prompts = scorer.evaluator, scorer.prompts
             judged = scorer.judge(task.heldout)
             result = {"iteration": iteration, "n": len(judged)}
             shape = [formed(task_name, answers, completion) for completion, _, _ in judged]

@@ -74,19 +74,15 @@ import numpy as np
 
 from qes_edge.convert import convert_matrices
 from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards
-from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import default_model_path, make_working_copy, open_model
-from qes_edge.replica import LocalPopulation
-from qes_edge.run import Run, read_metrics
-from qes_edge.scorer import Scorer
-from qes_edge.settings import Settings, about, value_type
+from qes_edge import api
+from qes_edge.api import Run, Settings, default_model_path, open_model, open_scorer
+from qes_edge.files import make_working_copy
+from qes_edge.run import read_metrics
+from qes_edge.settings import about, value_type
 from qes_edge.settings import names as settings_names
-from qes_edge.tasks import load_task, mean_with_stderr
+from qes_edge.tasks import mean_with_stderr
 from qes_edge.tasks.arithmetic import STRICT
-from qes_edge.tasks.prompt_format import PromptFormat
 from qes_edge.tasks.successor import answer_form
-from qes_edge.trainer import train
-from qes_edge.working_copy import release
 
 QUICK = dict(iterations=2, population=2, batch=2, heldout=8, eval_every=1)
 ARMS = {"qes": dict(), "no-ef": dict(error_feedback=False), "fp": None}
@@ -99,10 +95,10 @@ Q4_1_BLOCK, Q4_1_BYTES = 32, 20  # elements and bytes per Q4_1 block; its first 
 EARLY_MINUTES, LONG_MINUTES = 5.0, 30.0
 
 
-def point(iteration: int, seconds: float, heldout: dict) -> dict:
+def point(iteration: int, seconds: float, heldout) -> dict:
     """One held-out evaluation on the curve: when (iteration, training seconds before it) and what."""
-    return {"iteration": iteration, "seconds": round(seconds, 1), "accuracy": heldout["accuracy"],
-            "accuracy_se": heldout["accuracy_se"], "correct": heldout["correct"]}
+    return {"iteration": iteration, "seconds": round(seconds, 1), "accuracy": heldout.accuracy,
+            "accuracy_se": heldout.accuracy_se, "correct": heldout.correct}
 
 
 def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
@@ -117,14 +113,13 @@ def run_qes(source: Path, settings: Settings, run_dir: Path) -> dict:
         run = Run.load(run_dir, free)
     else:
         run = Run.create(run_dir, source, settings)
-    train(run, LocalPopulation(run))
-    release(run)
+    api.train(api.Training(run))
     curve, seconds, stepped = [], 0.0, 0
     for m in read_metrics(run_dir):
-        seconds += m.get("iteration_s", 0.0)
-        stepped += m.get("codes_stepped", 0)
-        if "heldout" in m:
-            curve.append(point(m["iteration"], seconds, m["heldout"]))
+        seconds += m.iteration_s or 0.0
+        stepped += m.step.codes_stepped if m.step else 0
+        if m.heldout:
+            curve.append(point(m.iteration, seconds, m.heldout))
     return {"curve": curve, "codes_stepped": stepped}
 
 
@@ -133,8 +128,7 @@ class DenseES:
 
     def __init__(self, source: Path, f16_path: Path, settings: Settings, work: Path):
         self.settings = settings
-        quantized = open_model(source)
-        self.prompts = PromptFormat.choose(settings.prompt_format, source.name, quantized.has_chat_template)
+        self.quantized = quantized = open_model(source)
         f16 = open_model(f16_path)
         self.live = make_working_copy(f16_path, work / "f16-live.gguf")
         buf = np.memmap(self.live, dtype=np.uint8, mode="r+")
@@ -163,12 +157,12 @@ class DenseES:
 
     def train(self) -> dict:
         s = self.settings
-        task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
         pairs = s.population // 2
         step = s.alpha / (s.population * s.sigma) * self.sigma_dense
         seconds = 0.0
-        with Evaluator(self.live, n_seq_max=s.batch, n_threads=s.threads) as evaluator:
-            score = Scorer(evaluator, task, s.max_tokens or task.max_tokens, self.prompts)
+        # the F16 file is scored as the quantized source would be: its name and chat template choose the prompts
+        with open_scorer(self.live, s, self.quantized, n_seq_max=s.batch) as score:
+            task = score.task
             curve = [point(0, 0.0, score.heldout())]
             for t in range(s.iterations):
                 started = time.perf_counter()
@@ -209,11 +203,11 @@ def run_dense(source: Path, settings: Settings, work: Path) -> dict:
 
 def base_form_rate(source: Path, settings: Settings) -> dict:
     """How often the base model answers the held-out items in the task's asked-for form."""
-    task = load_task(settings.task, seed=settings.seed, heldout=settings.heldout)
-    prompts = PromptFormat.choose(settings.prompt_format, source.name, open_model(source).has_chat_template)
-    with Evaluator(source, n_seq_max=settings.batch, n_threads=settings.threads) as evaluator:
-        completions = evaluator.generate([prompts.prompt(task, i) for i in task.heldout], task.max_tokens,
-                                         prompts.stop(task))
+    settings = dataclasses.replace(settings, reward=None, max_tokens=None)  # the task's own reward and budget
+    with open_scorer(source, settings, open_model(source), n_seq_max=settings.batch) as scorer:
+        task = scorer.task
+        completions = scorer.evaluator.generate([scorer.prompts.prompt(task, i) for i in task.heldout],
+                                                task.max_tokens, scorer.stop)
     in_form = [int(IN_FORM[task.name](c.text, i)) for c, i in zip(completions, task.heldout)]
     rate, se = mean_with_stderr(in_form)
     return {"in_form": rate, "in_form_se": se, "n": len(in_form),

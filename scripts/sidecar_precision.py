@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qes_edge.evaluator import Evaluator
-from qes_edge.gguf_file import make_working_copy
+from qes_edge.api import Run, open_scorer
+from qes_edge.files import make_working_copy
 from qes_edge.kernels import FRACTION_BITS, CodeSpace, TensorSlot
 from qes_edge.residual import SidecarResidual
-from qes_edge.run import Run
-from qes_edge.tasks import accuracy_with_stderr, load_task
 
 BYTE_BITS = 8  # the 1-byte residual keeps steps of 2**-8 code
 QUANTUM = 1 << (FRACTION_BITS - BYTE_BITS)
@@ -70,17 +68,11 @@ def replay(run: Run, model, live: Path, byte_residual: bool) -> tuple[int, float
     return stepped, time.perf_counter() - start
 
 
-def heldout_accuracy(path: Path, run: Run) -> tuple[float, float, list[bool]]:
-    s = run.settings
-    task = load_task(s.task, s.reward, seed=s.seed, heldout=s.heldout)
-    with Evaluator(path, n_seq_max=16, n_threads=s.threads) as evaluator:
-        completions = []
-        for i in range(0, len(task.heldout), 16):
-            chunk = task.heldout[i:i + 16]
-            completions += evaluator.generate([item.prompt for item in chunk], s.max_tokens or task.max_tokens,
-                                              task.stop)
-    correct = [task.correct(c.text, item) for c, item in zip(completions, task.heldout)]
-    return (*accuracy_with_stderr(correct), correct)
+def heldout_accuracy(path: Path, run: Run, model) -> tuple[float, float, list[int]]:
+    """Held-out accuracy of the GGUF at ``path``, scored as the run scores it (its prompt format included)."""
+    with open_scorer(path, run.settings, model, run.base_file) as scorer:
+        result = scorer.heldout()
+    return result.accuracy, result.accuracy_se, result.correct
 
 
 def main() -> None:
@@ -98,10 +90,10 @@ def main() -> None:
         for name, byte_residual in (("16-bit", False), ("8-bit stochastic", True)):
             lives[name] = Path(tmp) / f"{name.split()[0]}.gguf"
             stepped, seconds = replay(run, model, lives[name], byte_residual)
-            accuracy, se, correct = heldout_accuracy(lives[name], run)
+            accuracy, se, correct = heldout_accuracy(lives[name], run, model)
             arms[name] = {"codes_stepped": stepped, "replay_s": round(seconds, 1), "heldout_accuracy": accuracy,
                           "heldout_se": se, "correct": correct}
-        base_accuracy, base_se, _ = heldout_accuracy(run.source, run)
+        base_accuracy, base_se, _ = heldout_accuracy(run.source, run, model)
         a = np.memmap(lives["16-bit"], dtype=np.uint8, mode="r")
         b = np.memmap(lives["8-bit stochastic"], dtype=np.uint8, mode="r")
         bytes_differing = int(np.count_nonzero(a != b))

@@ -22,29 +22,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from qes_edge import preflight
-from qes_edge.gguf_file import default_model_path, file_sha256, open_model
-from qes_edge.replica import LocalPopulation
-from qes_edge.run import Run
-from qes_edge.settings import Settings
-from qes_edge.trainer import train
-from qes_edge.working_copy import export, release
+from qes_edge import api, preflight
+from qes_edge.api import Settings, default_model_path, open_model
+from qes_edge.cpu import physical_cores
+from qes_edge.files import file_sha256
 
 
 def timed_run(source: Path, settings: Settings, replicas: int, threads: int) -> dict:
     points = []
     with tempfile.TemporaryDirectory(prefix="time-to-accuracy-") as tmp:
         started = time.perf_counter()
-        run = Run.create(Path(tmp) / "run", source, settings)
+        training = api.start(source, settings, run_dir=Path(tmp) / "run", out=Path(tmp) / "tuned.gguf",
+                             replicas=replicas, threads=threads)
 
-        def on_heldout(iteration: int, result: dict) -> None:
+        def on_heldout(iteration: int, result) -> None:
             points.append({"iteration": iteration, "minutes": round((time.perf_counter() - started) / 60, 2),
-                           "accuracy": result["accuracy"], "accuracy_se": result["accuracy_se"]})
+                           "accuracy": result.accuracy, "accuracy_se": result.accuracy_se})
 
-        train(run, LocalPopulation(run, replicas, threads), on_heldout=on_heldout)
-        minutes = (time.perf_counter() - started) / 60
-        digest = file_sha256(export(run, Path(tmp) / "tuned.gguf"))
-        release(run)
+        api.train(training, on_heldout=on_heldout)
+        minutes = (time.perf_counter() - started) / 60  # the export included
+        digest = file_sha256(training.out)
     return {"replicas": replicas, "threads": threads, "minutes": round(minutes, 2), "points": points,
             "tuned_sha256": digest}
 
@@ -82,7 +79,7 @@ def main() -> None:
         settings = dataclasses.replace(settings, iterations=2, batch=4, heldout=16, eval_every=1)
     load = os.getloadavg()[0]
     replicas = preflight.replicas(open_model(source), settings)
-    runs = {"before (one replica)": timed_run(source, settings, 1, preflight.physical_cores()),
+    runs = {"before (one replica)": timed_run(source, settings, 1, physical_cores()),
             "after (default)": timed_run(source, settings, replicas, preflight.threads_per_replica(settings, replicas))}
     before, after = runs.values()
     print(f"load average at start {load:.2f}; the default run, {settings.iterations} iterations")

@@ -6,7 +6,7 @@ GGUF files made here are written with gguf-py's own GGUFWriter, so they are an
 independent check of qes_edge's reading and export code.
 
 Tests marked ``unit`` (``pytest -m unit``, the fast tier) load no model and
-start no process; the hooks at the end hold them to it.
+start no process, and collecting them imports no Ray; the hooks at the end hold them to it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +23,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
+from helpers import tiny_options
 from ollama_store import ollama_manifest, ollama_model_layers
 from qes_edge.convert import convert_matrices, write_and_close
-from qes_edge.gguf_file import default_model_path
+from qes_edge.models import default_model_path
 
 # Quant types the default Q4_1 model can be requantized to in numpy.
 REQUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -166,8 +168,7 @@ def workspace(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny() -> list[str]:
     """`qes-edge train` options for a run of seconds that still moves codes (with the workspace's reward)."""
-    return ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
-            "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "2"]
+    return tiny_options()
 
 
 # ---- the fast tier -----------------------------------------------------------------------------------
@@ -177,6 +178,12 @@ def pytest_collection_modifyitems(config, items):
         used = MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ()))
         if item.get_closest_marker("unit") and used:
             raise pytest.UsageError(f"{item.nodeid} is marked unit but loads the model ({', '.join(sorted(used))})")
+
+
+def pytest_collection_finish(session):
+    unit_only = session.items and all(item.get_closest_marker("unit") for item in session.items)
+    if unit_only and "ray" in sys.modules:
+        raise pytest.UsageError("collecting the unit tier imported Ray: import it inside the tests that need it")
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,14 @@
 """`qes-edge` end to end on the real default model: train, resume, export, inspect, eval, bad input."""
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader
 
+from helpers import sha256
 from qes_edge.cli import cli
 from qes_edge.formats import format_of
 from qes_edge.kernels import native
@@ -19,10 +18,6 @@ def train(workspace, *args):
     runner = CliRunner()
     reward = f"{workspace / 'rewards_for_tests.py'}:score"
     return runner.invoke(cli, ["train", "--task", str(workspace / "data.jsonl"), "--reward", reward, *args])
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def fields(reader):

@@ -12,7 +12,6 @@ must never change.  The trials are drawn from a seeded RNG, so a failure
 reproduces.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import sha256, tiny_options
 from qes_edge.faults import POINTS
 from qes_edge.working_copy import boot_id
 
@@ -31,15 +31,10 @@ pytestmark = pytest.mark.crash
 
 # --force: 4 tokens cut most replies short of "The answer is N", and the first rewards may all be 0
 # (the no-signal check would stop the run before the crash points are reached).
-SETTINGS = ["--iterations", "3", "--population", "2", "--batch", "2", "--heldout", "2", "--max-tokens", "4",
-            "--sigma", "0.5", "--alpha", "3", "--eval-every", "100", "--threads", "1", "--seed", "7", "--force"]
+SETTINGS = tiny_options(iterations=3, threads=1, seed=7, force=True)
 POINT_TRIALS = 2  # per crash point
 TIMED_TRIALS = 10
 RNG_SEED = 20261123
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def qes_edge(args: list[str], crash_at: str | None = None, kill_after: float | None = None):

@@ -15,7 +15,7 @@ from llama_cpp import llama_cpp as llama
 
 from qes_edge.errors import QesError
 from qes_edge.evaluator import Completion, Evaluator
-from qes_edge.preflight import physical_cores
+from qes_edge.cpu import physical_cores
 from qes_edge.tasks import accuracy_with_stderr, load_task
 
 QUESTIONS = [
@@ -266,7 +266,7 @@ def test_default_threads_are_physical_cores():
 
 @pytest.mark.slow
 def test_default_model_has_room_to_learn_arithmetic(default_model):
-    """Greedy, the default model gets some of the arithmetic task right and some wrong (BENCHMARKS.md)."""
+    """Greedy, the default model gets some of the arithmetic task right and some wrong (docs/how-it-works.md, "arithmetic (the default)")."""
     llm = Llama(str(default_model), n_ctx=512, n_threads=2, verbose=False)
     try:
         task = load_task("arithmetic")

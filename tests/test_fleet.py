@@ -4,7 +4,6 @@ Each run is its own `python -m qes_edge` process (Ray's workers are processes to
 on a JSONL task with a reward module the workers import from its path.
 """
 
-import hashlib
 import json
 import os
 import subprocess
@@ -13,15 +12,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray  # noqa: F401  (the test extra installs it; a missing Ray fails here, not as a skip)
-from click.testing import CliRunner
 
-from qes_edge.cli import cli
-from qes_edge.errors import QesError
-from qes_edge.fleet import agreed_weights
+from helpers import sha256, tiny_options
 
-SETTINGS = ["--iterations", "3", "--population", "4", "--batch", "2", "--heldout", "4", "--max-tokens", "4",
-            "--sigma", "0.5", "--alpha", "3", "--eval-every", "3", "--seed", "5"]
+SETTINGS = tiny_options(iterations=3, population=4, heldout=4, eval_every=3, threads=None, seed=5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_installed():
+    """Imported here, not at collection, so that the unit tier imports no Ray."""
+    import ray  # noqa: F401  (the test extra installs it; a missing Ray fails here, not as a skip)
 
 
 def train(workspace, model, run_dir, *args, env=None):
@@ -32,7 +32,7 @@ def train(workspace, model, run_dir, *args, env=None):
                             timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return hashlib.sha256((run_dir / "out.gguf").read_bytes()).hexdigest(), lines
+    return sha256(run_dir / "out.gguf"), lines
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +68,3 @@ def test_a_worker_killed_mid_iteration_is_replaced_and_the_result_is_the_same(
     assert all(m["workers"] == 2 for m in lines if "weights" in m)
     after = set(Path("/dev/shm").glob("qes-edge-*")) | set(Path(tempfile.gettempdir()).glob("qes-edge-worker-*"))
     assert after - before == set()  # the dead worker's working copy is removed, the live ones released
-
-
-@pytest.mark.unit
-def test_replicas_that_disagree_stop_the_run_with_a_clear_error():
-    hosts = {0: "pi-1", 1: "pi-2"}
-    assert agreed_weights({0: "ab" * 32, 1: "ab" * 32}, hosts, "after iteration 3") == "ab" * 32
-    with pytest.raises(QesError, match=r"replicas disagree after iteration 4 \(worker 0 on pi-1: .*worker 1 on pi-2"):
-        agreed_weights({0: "ab" * 32, 1: "cd" * 32}, hosts, "after iteration 4")
-
-
-@pytest.mark.unit
-def test_workers_without_ray_is_refused(tmp_path):
-    result = CliRunner().invoke(cli, ["train", "--workers", "2", "--run-dir", str(tmp_path / "run")])
-    assert result.exit_code == 1
-    assert result.output.strip() == "Error: --workers goes with --ray"
-    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 from qes_edge.cli import cli
 from qes_edge.errors import QesError
-from qes_edge.gguf_file import open_model
+from qes_edge.model_file import open_model
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_run import invoke, one_line_error
+from helpers import invoke, one_line_error
 from ollama_store import (OLLAMA_PARAMS, OLLAMA_SYSTEM, OLLAMA_TEMPLATE, ollama_layer, ollama_manifest,
                           ollama_model_layers)
 from qes_edge.errors import QesError

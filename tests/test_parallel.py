@@ -6,7 +6,6 @@ held-out set (5 items, waves of 2) ends in a short wave, and every iteration
 is evaluated.
 """
 
-import hashlib
 import json
 import os
 import signal
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-SETTINGS = ["--iterations", "3", "--population", "4", "--batch", "2", "--heldout", "5", "--max-tokens", "4",
-            "--sigma", "0.5", "--alpha", "3", "--eval-every", "1", "--threads", "1", "--seed", "11", "--force"]
+from helpers import sha256, tiny_options
+
+SETTINGS = tiny_options(iterations=3, population=4, heldout=5, eval_every=1, threads=1, seed=11, force=True)
 
 
 def qes_edge(*args, crash_at=None):
@@ -37,7 +37,7 @@ def outcome(run_dir: Path):
     """The tuned GGUF's sha256, and every metrics line without its timings."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timings = {"score_s", "update_s", "iteration_s"}
-    return (hashlib.sha256((run_dir / "out.gguf").read_bytes()).hexdigest(),
+    return (sha256(run_dir / "out.gguf"),
             [{k: v for k, v in line.items() if k not in timings} for line in lines])
 
 
@@ -97,7 +97,7 @@ def test_a_reward_that_raises_on_another_replica_stops_the_run_in_one_line(works
 
 
 def test_parallel_with_ray_is_refused_in_one_line(default_model, tmp_path):
-    from cli_run import invoke, one_line_error
+    from helpers import invoke, one_line_error
 
     line = one_line_error(invoke("train", default_model, "--ray", "--parallel", "2", "--run-dir", tmp_path / "r"))
     assert "--parallel goes without --ray" in line

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from qes_edge import preflight
 from qes_edge.cli import cli
 from qes_edge.errors import QesError
-from qes_edge.gguf_file import ModelFile, TensorInfo
+from qes_edge.model_file import ModelFile, TensorInfo
 from qes_edge.preflight import MiB, Machine, estimate, mib, placement, shortfalls
 from qes_edge.settings import Settings
 
@@ -69,7 +69,7 @@ def test_the_sidecar_is_two_bytes_a_code_plus_its_header_and_replay_has_none():
 
 
 def test_the_estimate_covers_what_a_default_run_used():
-    # A default run of SmolLM2 peaked at 693 MiB resident on the dev machine (README, "On a Raspberry Pi").
+    # A default run of SmolLM2 peaked at 693 MiB resident on the dev machine (docs/raspberry-pi.md, "Memory").
     assert 693 * MiB <= need().ram <= 800 * MiB
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cli_run import invoke
+from helpers import invoke, tiny_options
 from qes_edge.errors import QesError
 from qes_edge.tasks import Item, Task, load_task
 from qes_edge.tasks.prompt_format import NEXT_QUESTION, PromptFormat, transcript
@@ -83,7 +83,7 @@ def test_a_base_model_is_scored_on_the_few_shot_form(base_model):
 
 
 def test_training_a_base_model_names_its_file_not_the_working_copy(base_model, tmp_path):
-    args = ["--heldout", "4", "--iterations", "1", "--population", "2", "--batch", "2", "--threads", "2"]
+    args = tiny_options(iterations=1, heldout=4, max_tokens=None, sigma=None, alpha=None, eval_every=None)
     result = invoke("train", base_model, *args, "--run-dir", tmp_path / "ok", "--out", tmp_path / "ok.gguf")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ok.gguf").is_file()

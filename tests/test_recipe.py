@@ -1,20 +1,14 @@
 """A fine-tune as a recipe: export --recipe writes it, apply rebuilds the tuned GGUF from it bit for bit,
 and refuses another base or a damaged recipe, writing nothing."""
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 
-from cli_run import invoke, one_line_error
+from helpers import invoke, one_line_error, sha256
 from qes_edge.errors import QesError
 from qes_edge.kernels import SCHEME
 from qes_edge.recipe import FORMAT, read_recipe
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def test_apply_rebuilds_the_tuned_gguf_bit_for_bit(workspace, default_model, base_model, tmp_model_copy, tiny,

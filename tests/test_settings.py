@@ -153,3 +153,4 @@ def test_state_json_holds_every_setting_and_reads_back(run_dir):
     state = json.loads(run_dir.joinpath("state.json").read_text())
     assert state["settings"] == dataclasses.asdict(RUN)
     assert Run.load(run_dir).settings == RUN
+

@@ -4,10 +4,10 @@ eval --show, the samples in metrics.jsonl and the summary's before/after rows.""
 import json
 
 
-from cli_run import invoke
+from helpers import invoke, tiny_options
 from qes_edge.run import read_metrics
 
-SMALL = ["--iterations", "2", "--population", "2", "--batch", "2", "--heldout", "4", "--threads", "2"]
+SMALL = tiny_options(heldout=4, max_tokens=None, sigma=None, alpha=None, eval_every=None)
 
 
 def capitals(tmp_path):
@@ -59,8 +59,8 @@ def test_a_run_without_signal_stops_with_three_samples_and_force_goes_on(default
     result = invoke("train", default_model, "--task", data, "--reward", "contains", *SMALL,
                     "--run-dir", tmp_path / "auto", "--out", tmp_path / "auto.gguf")
     assert result.exit_code == 0, result.output
-    start = read_metrics(tmp_path / "auto")[0]["heldout"]
-    assert all(sample["completion"] for sample in start["samples"]) and len(set(start["rewards"])) > 1
+    start = read_metrics(tmp_path / "auto")[0].heldout
+    assert all(sample.completion for sample in start.samples) and len(set(start.rewards)) > 1
 
 
 def test_the_builtin_task_on_the_default_model_has_signal(default_model, tmp_path):
@@ -91,11 +91,11 @@ def test_heldout_results_keep_samples_and_the_summary_shows_them_before_and_afte
     result = invoke("train", default_model, "--task", workspace / "data.jsonl", "--reward", reward, *tiny,
                     "--run-dir", tmp_path / "run", "--out", tmp_path / "out.gguf")
     assert result.exit_code == 0, result.output
-    evals = [m for m in read_metrics(tmp_path / "run") if "heldout" in m]
-    first, last = evals[0]["heldout"]["samples"], evals[-1]["heldout"]["samples"]
-    assert len(first) == len(last) == 2 and [s["prompt"] for s in first] == [s["prompt"] for s in last]
+    evals = [m for m in read_metrics(tmp_path / "run") if m.heldout]
+    first, last = evals[0].heldout.samples, evals[-1].heldout.samples
+    assert len(first) == len(last) == 2 and [s.prompt for s in first] == [s.prompt for s in last]
     lines = result.output.splitlines()
     at = lines.index("held-out items, iteration 0 -> 2:")
     for number, (before, after) in enumerate(zip(first, last)):
-        assert lines[at + 2 + 2 * number] == (f"     {before['completion']!r} reward {before['reward']:.3f} wrong  ->  "
-                                              f"{after['completion']!r} reward {after['reward']:.3f} wrong")
+        assert lines[at + 2 + 2 * number] == (f"     {before.completion!r} reward {before.reward:.3f} wrong  ->  "
+                                              f"{after.completion!r} reward {after.reward:.3f} wrong")

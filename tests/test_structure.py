@@ -58,3 +58,23 @@ def test_no_import_cycles():
     for module in sorted(graph):
         cycle = cycle_from(module, [module], {module})
         assert cycle is None, " -> ".join(cycle)
+
+
+def graph_of_package() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+def test_low_layers_reach_no_higher():
+    graph = graph_of_package()
+    assert graph["qes_edge.cpu"] == set()
+    assert graph["qes_edge.evaluator"] <= {"qes_edge.errors", "qes_edge.cpu"}  # llama.cpp, and nothing of ours above it
+    assert graph["qes_edge.metrics"] <= {"qes_edge.tasks"}
+
+
+def test_the_cli_calls_the_library_layer():
+    graph = graph_of_package()
+    assert "qes_edge.api" in graph["qes_edge.cli"]
+    assert not graph["qes_edge.cli"] & {"qes_edge.trainer", "qes_edge.replica", "qes_edge.fleet", "qes_edge.working_copy",
+                                        "qes_edge.evaluator", "qes_edge.scorer"}

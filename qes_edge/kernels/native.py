@@ -109,7 +109,7 @@ def select(requested: str | None = None) -> str:
     if reason is None:
         return "native"
     if choice == "native":
-        raise QesError(f"native kernels requested but unavailable: {reason} (see README, 'Native kernels')")
+        raise QesError(f"native kernels requested but unavailable: {reason} (see docs/native-kernels.md)")
     _notice_fallback(reason)
     return "numba"
 

@@ -5,8 +5,8 @@ correct means the whole stripped reply is "The answer is 21" (final period
 optional).  The default model solves a minority of these greedily, so there is
 room to learn both the format and the facts.  The format is the one the
 default model follows most often, and the default level the one that leaves
-enough distinct questions to hold 64 out and still train on 143 (BENCHMARKS.md,
-"The arithmetic task").
+enough distinct questions to hold 64 out and still train on 143 (docs/how-it-works.md,
+"arithmetic (the default)").
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ EXAMPLES = tuple((ask(a, op, b), f"The answer is {OPERATIONS[op](a, b)}.") for a
                  ((12, "+", 25), (15, "-", 7), (6, "*", 11)))
 
 
-# The levels measured for BENCHMARKS.md ("The arithmetic task"); the task uses DEFAULT_LEVEL.
+# The levels measured in docs/how-it-works.md ("arithmetic (the default)"); the task uses DEFAULT_LEVEL.
 LEVELS = {
     "add 1-9": Level("+", (1, 9), (1, 9)),
     "add 1-20 + 1-9": Level("+", (1, 20), (1, 9)),

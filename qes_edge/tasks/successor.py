@@ -1,7 +1,7 @@
 """Built-in `successor`: "What number comes right after 417? ...", answered "The number after 417 is 418".
 
 The second task of the learning study.  The default model already answers in
-the asked-for form almost every time (BENCHMARKS.md, "The successor task")
+the asked-for form almost every time (docs/results.md, "Successor: a skill, not a format")
 but often with the wrong number — it tends to repeat the question's — so what
 training gains here is a skill, not a format.  Numbers run from 10 to 999:
 990 distinct questions.

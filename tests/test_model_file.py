@@ -1,8 +1,7 @@
-"""gguf_file against the real SmolLM2 model, with gguf-py and llama.cpp as oracles."""
+"""The GGUF modules (model_file, gguf_header, gguf_export, files) against the real SmolLM2 model, with gguf-py and llama.cpp as oracles."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import resource
@@ -18,15 +17,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 
+from helpers import sha256
 from qes_edge.errors import QesError
-from qes_edge.gguf_file import (
-    default_model_path,
-    export_model,
-    file_sha256,
-    make_working_copy,
-    open_model,
-    tensor_views,
-)
+from qes_edge.files import file_sha256, make_working_copy
+from qes_edge.gguf_export import export_model
+from qes_edge.model_file import open_model, tensor_views
+from qes_edge.models import default_model_path
 
 N_LAYERS = 30
 MATRICES_PER_LAYER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -155,7 +151,7 @@ def test_requantized_models_list_the_same_matrices(model_of_type, type_name):
 
 def test_sha256_is_the_whole_file(default_model):
     model = open_model(default_model)
-    assert model.sha256() == hashlib.sha256(default_model.read_bytes()).hexdigest()
+    assert model.sha256() == sha256(default_model)
     assert model.sha256() == file_sha256(default_model)
 
 
