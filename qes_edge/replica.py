@@ -20,6 +20,7 @@ from .faults import crash_point
 from .kernels import support_seed
 from .metrics import HeldOut
 from .model_file import ModelFile
+from .phases import HELDOUT, timed
 from .population import Population
 from .run import Run
 from .scorer import open_scorer
@@ -145,6 +146,7 @@ class LocalPopulation(Population):
                 mirror.copy.follow()
             yield result
 
+    @timed(HELDOUT)
     def heldout(self) -> HeldOut:
         items = self.task.heldout
         wave = self.replicas[0].scorer.evaluator.n_seq_max  # what one replica decodes together

@@ -37,6 +37,7 @@ from .kernels import SCHEME
 from .metrics import HeldOut, MetricsLine
 from .models import model_stem
 from .ollama import OllamaModel
+from .phases import CHECKPOINT, METRICS, timed
 from .settings import Settings
 from .tasks import Task
 from .tasks.prompt_format import PromptFormat
@@ -161,6 +162,7 @@ class Run:
             "ollama": self.ollama,
         }
 
+    @timed(CHECKPOINT)
     def save(self) -> None:
         write_atomically(self.files.state, json.dumps(self.to_state(), indent=1).encode())
 
@@ -189,6 +191,7 @@ class Run:
         kept = [m for m in read_metrics(self.run_dir) if m.iteration <= self.iteration]
         write_atomically(self.files.metrics, "".join(json.dumps(m.to_json()) + "\n" for m in kept).encode())
 
+    @timed(METRICS)
     def append_metrics(self, line: MetricsLine) -> None:
         with open(self.files.metrics, "a") as f:
             f.write(json.dumps(line.to_json()) + "\n")

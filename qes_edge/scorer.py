@@ -7,6 +7,7 @@ from pathlib import Path
 from .evaluator import Evaluator
 from .metrics import SAMPLES, HeldOut
 from .model_file import ModelFile
+from .phases import INFERENCE, timed
 from .settings import Settings
 from .tasks import Item, Task
 from .tasks.prompt_format import PromptFormat
@@ -27,6 +28,7 @@ class Scorer:
         self.signal = task.signal(signal)
         self._replies: dict[int, list[int]] = {}  # id(item) -> its reply's tokens
 
+    @timed(INFERENCE)
     def rewards(self, items: list[Item]) -> list[float]:
         """One reward per item: of the greedy completion, or its reply's mean log-prob per token."""
         prompts = [self.prompts.prompt(self.task, item) for item in items]

@@ -39,6 +39,7 @@ from .files import file_sha256, make_working_copy
 from .gguf_export import export_model
 from .model_file import ModelFile, weights_sha256
 from .kernels import CodeSpace, TensorSlot
+from .phases import FOLLOW, SYNC, UPDATE, timed
 from .preflight import placement
 from .residual import NoResidual, ReplayResidual, SidecarResidual
 from .run import Run, RunInUse, write_atomically
@@ -104,7 +105,8 @@ class WorkingCopy:
 
     def update(self, history: list) -> tuple[int, int]:
         """Apply the last row of ``history``; returns (codes stepped, steps blocked)."""
-        result = self.store.update(self.space, history, self.run.settings.decay)
+        with timed(UPDATE):
+            result = self.store.update(self.space, history, self.run.settings.decay)
         crash_point("update")
         if self.boot is None:  # no way to tell a reboot: every update goes to disk
             self.sync()
@@ -113,6 +115,7 @@ class WorkingCopy:
     def weights_sha256(self) -> str:
         return weights_sha256(self.model, self.buf)
 
+    @timed(SYNC)
     def sync(self) -> None:
         """Put the copy and the residual on disk."""
         self.buf.flush()
@@ -169,6 +172,7 @@ class Mirror:
         self.buf, self.space = _code_space(self.run, model, self.path)
         return self
 
+    @timed(FOLLOW)
     def follow(self) -> None:
         """Take the working copy's bytes (after an update)."""
         np.copyto(self.buf, self.copy.buf)

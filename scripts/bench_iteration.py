@@ -3,8 +3,8 @@
     python scripts/bench_iteration.py [MODEL.gguf] [--iterations 3] [--quick] [--json bench_iteration.json]
 
 Time: real training runs with the default settings (`qes_edge.settings.Settings`,
-overridable), timed from outside the loop by wrapping the pieces it calls:
-llama.cpp inference (`Scorer.rewards`: batched generation and the reward),
+overridable), timed by the phases the library marks (`qes_edge.phases`):
+llama.cpp inference (`Scorer.rewards`: batched generation and the reward, or the reply likelihoods),
 and everything QES adds (perturb, swap and restore: every walk of a
 candidate's support, as one piece; the update, the mirrors' copy of
 the updated bytes, checkpoint and metrics writes).  The held-out evaluations
@@ -46,8 +46,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 from qes_edge.models import default_model_path
@@ -70,53 +68,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class Clock:
-    """Wall time per named piece, collected by wrapping methods on their classes."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-        self.calls = defaultdict(int)
-
-    def wrap(self, owner, method: str, name: str) -> None:
-        original = getattr(owner, method)
-        clock = self
-
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                clock.seconds[name] += time.perf_counter() - start
-                clock.calls[name] += 1
-
-        setattr(owner, method, timed)
-
-
 def settings_from(args) -> Settings:
     given = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None}
     return Settings(eval_every=10 ** 6, **given)
 
 
 def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int) -> dict:
-    from qes_edge import api
+    from qes_edge import api, phases
     from qes_edge.files import file_sha256
-    from qes_edge.kernels import CodeSpace
-    from qes_edge.replica import LocalPopulation
-    from qes_edge.residual import ReplayResidual, SidecarResidual
-    from qes_edge.run import Run, read_metrics
-    from qes_edge.scorer import Scorer
-    from qes_edge.working_copy import Mirror, WorkingCopy
+    from qes_edge.run import read_metrics
 
-    clock = Clock()
-    clock.wrap(Scorer, "rewards", "inference")
-    clock.wrap(LocalPopulation, "heldout", "held-out evaluation")
-    clock.wrap(CodeSpace, "swap", "perturb")  # CodeSpace.perturb and .restore are swaps too
-    clock.wrap(SidecarResidual, "update", "update")
-    clock.wrap(ReplayResidual, "update", "update")
-    clock.wrap(Mirror, "follow", "follow")
-    clock.wrap(Run, "save", "checkpoint")
-    clock.wrap(WorkingCopy, "sync", "sync")
-    clock.wrap(Run, "append_metrics", "metrics")
+    phases.reset()
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
         training = api.start(model, settings, run_dir=Path(tmp) / "run", out=Path(tmp) / "tuned.gguf",
                              replicas=replicas, threads=threads)
@@ -125,24 +87,24 @@ def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int)
         steps = [m.step for m in read_metrics(training.run.run_dir) if m.step]
         run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
     n = settings.iterations
-    seconds = dict(clock.seconds)
-    heldout = seconds.pop("held-out evaluation", 0.0)
-    sync = seconds.pop("sync", 0.0)
+    seconds, calls = phases.seconds(), phases.calls()
+    heldout = seconds.pop(phases.HELDOUT)
+    sync = seconds.pop(phases.SYNC)
     # heldout() generates on its own (rewards() only for log-prob tasks), so inference is the candidates'.
     # An iteration: scoring and the update, as the trainer times them, and its checkpoint and metrics writes;
     # what else the run took (copies made, models loaded: once per run) is its set-up.
-    writes = (seconds.get("checkpoint", 0.0) + seconds.get("metrics", 0.0)) / n
+    writes = (seconds[phases.CHECKPOINT] + seconds[phases.METRICS]) / n
     iteration = sum(m.score_s + m.update_s for m in steps) / n + writes
     setup = total - heldout - sync - n * iteration
-    inference = seconds["inference"] / n  # summed over the replicas
-    qes = {k: seconds.get(k, 0.0) / n for k in ("perturb", "update", "follow", "checkpoint", "metrics")}
+    inference = seconds[phases.INFERENCE] / n  # summed over the replicas
+    qes = {k: seconds[k] / n for k in (phases.PERTURB, phases.UPDATE, phases.FOLLOW, phases.CHECKPOINT, phases.METRICS)}
     on_every_replica = {"perturb"}
     overhead = sum(v / (replicas if k in on_every_replica else 1) for k, v in qes.items())
     other = iteration - (inference + qes["perturb"]) / replicas - \
         sum(v for k, v in qes.items() if k not in on_every_replica)
     return {"replicas": replicas, "threads": threads, "iteration_s": iteration, "inference_s": inference,
             "qes_s": qes, "other_s": other,
-            "heldout_eval_s": heldout / max(1, clock.calls["held-out evaluation"]), "sync_at_close_s": sync,
+            "heldout_eval_s": heldout / max(1, calls[phases.HELDOUT]), "sync_at_close_s": sync,
             "setup_s": setup,
             "qes_overhead_fraction": overhead / iteration, "weights_sha256": weights, "run_dir_files": run_dir_files}
 
@@ -154,8 +116,8 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
     from qes_edge import api
     from qes_edge.es import iteration_batch
     from qes_edge.files import make_working_copy
+    from qes_edge import phases
     from qes_edge.model_file import open_model
-    from qes_edge.scorer import Scorer
 
     peak_pss = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-memory-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) \
@@ -171,15 +133,12 @@ def measure_memory(mode: str, model: Path, settings: Settings) -> dict:
                         peak_pss = max(peak_pss, pss_mb())
             sidecar_bytes = 0
         else:
-            original = Scorer.rewards
-
-            def sampled(self, items):
+            def sampled(phase: str) -> None:
                 nonlocal peak_pss
-                result = original(self, items)
-                peak_pss = max(peak_pss, pss_mb())
-                return result
+                if phase == phases.INFERENCE:  # after every candidate's prompts
+                    peak_pss = max(peak_pss, pss_mb())
 
-            Scorer.rewards = sampled
+            phases.listeners.append(sampled)
             store = mode.removeprefix("train-")
             run_dir = Path(tmp) / "run"
             training = api.start(model, dataclasses.replace(settings, residual=store), run_dir=run_dir, replicas=1,

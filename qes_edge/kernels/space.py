@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from ..formats import QuantFormat, format_of
+from ..phases import PERTURB, timed
 from . import native
 from .codes import layout_tables
 from .noise import CHUNK, NoiseTable, support_seed, tensor_key
@@ -93,6 +94,7 @@ class CodeSpace:
             raise ValueError("a perturbation's seed is non-zero (0 means none)")
         return self.swap(seed, 0, support)
 
+    @timed(PERTURB)
     def swap(self, worn: int, seed: int, support: int) -> int:
         """Restore the perturbation of ``worn`` and perturb by ``seed``, both of ``support``, in one walk
         of the support: the bytes and gating bits of :meth:`restore` then :meth:`perturb`.  A seed of 0
