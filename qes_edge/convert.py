@@ -33,14 +33,7 @@ def convert_matrices(reader: GGUFReader | os.PathLike | str, dest: os.PathLike |
     tmp = dest.with_name(dest.name + ".tmp")
     writer = GGUFWriter(tmp, arch=arch)
     writer.data_alignment = int(reader.alignment)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or field.name in drop:
-            continue  # virtual fields, the one the writer adds itself, and those asked to go
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE and target is not None:
-            value = int(gguf.LlamaFileType[f"MOSTLY_{target}"])
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    copy_metadata(reader, writer, drop, int(gguf.LlamaFileType[f"MOSTLY_{target}"]) if target is not None else None)
     for tensor in reader.tensors:
         if kind is not None and tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(tensor.shape) == 2:
             weights = gguf.quants.dequantize(tensor.data, GGMLQuantizationType.Q4_1)
@@ -52,6 +45,20 @@ def convert_matrices(reader: GGUFReader | os.PathLike | str, dest: os.PathLike |
     write_and_close(writer)
     tmp.replace(dest)
     return dest
+
+
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, drop: tuple[str, ...] = (),
+                  file_type: int | None = None) -> None:
+    """Every metadata field of ``reader`` into ``writer``, but those in ``drop``; ``file_type``: a new
+    general.file_type."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE or field.name in drop:
+            continue  # virtual fields, the one the writer adds itself, and those asked to go
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE and file_type is not None:
+            value = file_type
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
 
 
 def write_and_close(writer: GGUFWriter) -> None:

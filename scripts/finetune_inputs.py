@@ -32,9 +32,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from qes_edge.gguf_file import default_model_path
+from qes_edge.convert import copy_metadata, write_and_close
+from qes_edge.models import default_model_path
 from qes_edge.tasks import load_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,23 +50,11 @@ def to_f32(src: Path, dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     writer = GGUFWriter(tmp, arch=arch)
     writer.data_alignment = int(reader.alignment)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue  # virtual fields, and the one the writer adds itself
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType.ALL_F32)
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    copy_metadata(reader, writer, file_type=int(gguf.LlamaFileType.ALL_F32))
     for tensor in reader.tensors:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         writer.add_tensor(tensor.name, np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_and_close(writer)
     tmp.replace(dest)
     return dest
 
@@ -83,18 +72,10 @@ def restore(finetuned: Path, like: Path, dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     writer = GGUFWriter(tmp, arch=base.get_field(gguf.Keys.General.ARCHITECTURE).contents())
     writer.data_alignment = int(base.alignment)
-    for field in base.fields.values():
-        if not field.name.startswith("GGUF.") and field.name != gguf.Keys.General.ARCHITECTURE:
-            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    copy_metadata(base, writer)
     for tensor in tuned.tensors:
         writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_and_close(writer)
     tmp.replace(dest)
     return dest
 
