@@ -52,8 +52,8 @@ def test_a_run_without_signal_stops_with_three_samples_and_force_goes_on(default
     result = invoke("train", default_model, "--task", data, "--reward", "contains", *SMALL, "--prompt-format", "raw",
                     "--run-dir", tmp_path / "likelihood", "--out", tmp_path / "likelihood.gguf")
     assert result.exit_code == 0, result.output
-    first = read_metrics(tmp_path / "likelihood")[1]
-    assert first["rewards_plus"] != first["rewards_minus"] and max(first["rewards_plus"]) < 0  # mean log-probs
+    first = read_metrics(tmp_path / "likelihood")[1].step
+    assert first.rewards_plus != first.rewards_minus and max(first.rewards_plus) < 0  # mean log-probs
 
     # The same file as chat turns (auto, on this model) gets replies, and the run trains.
     result = invoke("train", default_model, "--task", data, "--reward", "contains", *SMALL,
