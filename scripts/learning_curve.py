@@ -89,8 +89,7 @@ def train_cell(run_dir: Path, task: str, seed: int, iterations: int, overrides: 
 
 
 def heldout_by_iteration(run_dir: Path) -> dict[int, np.ndarray]:
-    return {m["iteration"]: np.array(m["heldout"]["correct"], float)
-            for m in read_metrics(run_dir) if "heldout" in m}
+    return {m.iteration: np.array(m.heldout.correct, float) for m in read_metrics(run_dir) if m.heldout}
 
 
 def paired_gain(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
