@@ -1,6 +1,6 @@
 """Build llama.cpp's backprop fine-tuner (`llama-finetune`) and `llama-quantize`, CPU only.
 
-    nice -n 19 python scripts/build_llama_finetune.py [--parse-special] [--jobs 2]
+    nice -n 19 python scripts/build_llama_finetune.py [--patched] [--jobs 2]
 
 The sources are the llama.cpp vendored in the sdist of the *installed*
 llama-cpp-python version (fetched from PyPI with ``pip download``), so the peer
@@ -9,11 +9,14 @@ runs the same llama.cpp as qes-edge.  Binaries land in
 under ``build/sdist/``.  A second run with the binaries present only prints
 their paths.
 
-``--parse-special`` also builds ``llama-finetune-parse-special``: finetune.cpp
-with one line changed so the training text is tokenized with special tokens
-parsed (``<|im_start|>`` becomes one token, as at inference); stock
-llama-finetune spells them out as plain text.  It is added to the unpacked
-tree as its own target, next to the stock one.
+``--patched`` also builds ``llama-finetune-patched``: finetune.cpp with two
+changes, neither touching the optimisation.  (1) The training text is tokenized
+with special tokens parsed (``<|im_start|>`` becomes one token, as at
+inference); stock llama-finetune spells them out as plain text.  (2) After every
+epoch it prints ``qes-peer: epoch N cpu_s S`` (the process's CPU seconds so far,
+``std::clock``) and, before the last, saves the model to ``OUT.epochN.gguf``, so
+one run gives an accuracy-against-CPU curve (scripts/vs_llama_finetune.py).  It
+is added to the unpacked tree as its own target, next to the stock one.
 """
 
 from __future__ import annotations
@@ -28,12 +31,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("llama-finetune", "llama-quantize")
-TOKENIZE_LINE = "common_tokenize(ctx, params.prompt, true)"
-TOKENIZE_PARSED = "common_tokenize(ctx, params.prompt, true, /*parse_special =*/ true)"
-PATCHED = "llama-finetune-parse-special"
+PATCHED = "llama-finetune-patched"
+PATCHES = {  # stock line -> patched line(s), each found exactly once in finetune.cpp
+    "common_tokenize(ctx, params.prompt, true)":
+        "common_tokenize(ctx, params.prompt, true, /*parse_special =*/ true)",
+    "        ggml_opt_result_reset(result_eval);\n":
+        "        ggml_opt_result_reset(result_eval);\n"
+        "        fprintf(stderr, \"qes-peer: epoch %d cpu_s %.3f\\n\", lr.epoch + 1, (double) std::clock() / CLOCKS_PER_SEC);\n"
+        "        if (lr.epoch + 1 < lr.epochs) {\n"
+        "            llama_model_save_to_file(model, (params.out_file + \".epoch\" + std::to_string(lr.epoch + 1) + \".gguf\").c_str());\n"
+        "        }\n",
+}
 PATCHED_CMAKE = f"""
-# added by qes-edge scripts/build_llama_finetune.py --parse-special
-add_executable({PATCHED} finetune-parse-special.cpp)
+# added by qes-edge scripts/build_llama_finetune.py --patched
+add_executable({PATCHED} finetune-patched.cpp)
 target_link_libraries({PATCHED} PRIVATE llama-common llama ${{CMAKE_THREAD_LIBS_INIT}})
 target_compile_features({PATCHED} PRIVATE cxx_std_11)
 """
@@ -95,8 +106,8 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parse-special", action="store_true",
-                        help="also build llama-finetune-parse-special (special tokens in its text parsed)")
+    parser.add_argument("--patched", action="store_true",
+                        help="also build llama-finetune-patched (special tokens parsed; CPU seconds and a save each epoch)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=True,
                         help="-march=native (GGML_NATIVE; default on, as the installed wheel)")
@@ -109,7 +120,7 @@ def main() -> None:
     except PackageNotFoundError:
         fail("llama-cpp-python is not installed in this Python")
     out = args.build_dir / f"llama.cpp-{ver}"
-    targets = (*TARGETS, PATCHED) if args.parse_special else TARGETS
+    targets = (*TARGETS, PATCHED) if args.patched else TARGETS
     binaries = [out / "bin" / t for t in targets]
     if args.force or not all(b.is_file() for b in binaries):
         if not shutil.which("cmake"):
@@ -121,13 +132,15 @@ def main() -> None:
         finetune = source / "examples" / "training" / "finetune.cpp"
         if not finetune.is_file() or not (source / "tools" / "quantize").is_dir():
             fail(f"the llama.cpp in llama-cpp-python {ver}'s sdist has no examples/training/finetune.cpp or tools/quantize")
-        if args.parse_special:
+        if args.patched:
             text = finetune.read_text()
-            if TOKENIZE_LINE not in text:
-                fail(f"cannot patch {finetune}: '{TOKENIZE_LINE}' not found")
-            patched = finetune.with_name("finetune-parse-special.cpp")
-            if not patched.is_file() or patched.read_text() != text.replace(TOKENIZE_LINE, TOKENIZE_PARSED):
-                patched.write_text(text.replace(TOKENIZE_LINE, TOKENIZE_PARSED))
+            for stock, changed in PATCHES.items():
+                if text.count(stock) != 1:
+                    fail(f"cannot patch {finetune}: {stock.strip()!r} not found exactly once")
+                text = text.replace(stock, changed)
+            patched = finetune.with_name("finetune-patched.cpp")
+            if not patched.is_file() or patched.read_text() != text:
+                patched.write_text(text)
             lists = finetune.with_name("CMakeLists.txt")
             if PATCHED not in lists.read_text():
                 lists.write_text(lists.read_text() + PATCHED_CMAKE)

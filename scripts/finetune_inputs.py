@@ -10,13 +10,13 @@ models only); metadata, tokenizer and chat template copied, ``general.file_type`
 set to F32.  Then both files answer the first ``--check`` held-out arithmetic
 prompts greedily (llama-cpp-python, 2 threads) and the agreement is printed.
 
-``text``: the arithmetic task's training split (seed 0, ``--heldout`` 128 held
-out: 79 items; give QES the same --heldout) as SFT text: each item's prompt with its reference reply as
+``text``: a task's training split (``--task``, default arithmetic; run seed 0 and
+``--heldout`` 128: arithmetic's 79 items; give QES the same seed and --heldout) as SFT text: each item's prompt with its reference reply as
 the assistant turn, rendered by the model's own chat template, one conversation
 after another.  llama-finetune reads it with ``-f`` and trains next-token loss on
 every token of it (prompts and template included), in windows of ``-c`` tokens
 taken every ``c/2`` tokens.  Its special tokens (``<|im_start|>``...) are only
-parsed as such by the ``--parse-special`` build of scripts/build_llama_finetune.py.
+parsed as such by the ``--patched`` build of scripts/build_llama_finetune.py.
 
 ``meta``: llama-finetune's output loses the chat template and the general.*
 keys and says ``llama.context_length`` = the training context; this rewrites it
@@ -120,16 +120,22 @@ def check(base: Path, f32: Path, n: int, threads: int) -> None:
           f"correct: Q4_1 {right(a)}/{n}, F32 {right(b)}/{n}")
 
 
-def sft_text(model_path: Path, heldout: int, repeat: int, seed: int) -> tuple[str, int]:
-    """The training split as chat conversations (reply = assistant turn), concatenated; and the item count."""
-    task = load_task("arithmetic", seed=0, heldout=heldout)
+def sft_text(model_path: Path, task_spec: str = "arithmetic", seed: int = 0, heldout: int = 128,
+             repeat: int = 1, shuffle_seed: int = 0) -> tuple[str, int]:
+    """The task's training split as chat conversations (reference reply = assistant turn), concatenated.
+
+    The split is qes-edge's own for ``seed`` and ``heldout``; items without a reference reply
+    are left out (there are none in the built-in tasks and the shipped JSONL tasks)."""
+    task = load_task(task_spec, seed=seed, heldout=heldout)
     render = formatter(model_path, generation_prompt=False)
-    items = list(task.train)
-    rng = random.Random(seed)
+    items = [it for it in task.train if it.reply is not None]
+    rng = random.Random(shuffle_seed)
     parts = []
     for r in range(repeat):
         order = items if r == 0 else rng.sample(items, len(items))  # the split's own order first, then shuffled
-        parts += [render(messages=[*it.prompt, {"role": "assistant", "content": it.reply}]).prompt for it in order]
+        for it in order:
+            turns = it.prompt if isinstance(it.prompt, list) else [{"role": "user", "content": it.prompt}]
+            parts.append(render(messages=[*turns, {"role": "assistant", "content": it.reply}]).prompt)
     return "".join(parts), len(items)
 
 
@@ -143,6 +149,8 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="rewrite an existing file")
     t = sub.add_parser("text", help="write the arithmetic training split as chat-formatted SFT text")
     t.add_argument("--out", type=Path, default=OUT / "arithmetic-train.txt")
+    t.add_argument("--task", default="arithmetic", help="a built-in task or a JSONL file (default arithmetic)")
+    t.add_argument("--task-seed", type=int, default=0, help="the run seed whose split is written (default 0)")
     t.add_argument("--heldout", type=int, default=128, help="held-out items (the rest are written)")
     t.add_argument("--repeat", type=int, default=1, help="copies of the split (after the first, shuffled)")
     t.add_argument("--seed", type=int, default=0, help="shuffle seed of the repeats")
@@ -164,7 +172,7 @@ def main() -> None:
         if args.check:
             check(base, args.out, args.check, args.threads)
     else:
-        text, n = sft_text(base, args.heldout, args.repeat, args.seed)
+        text, n = sft_text(base, args.task, args.task_seed, args.heldout, args.repeat, args.seed)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"{args.out}: {n} items x {args.repeat}, {len(text)} characters")
