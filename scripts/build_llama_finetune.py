@@ -13,10 +13,13 @@ their paths.
 changes, neither touching the optimisation.  (1) The training text is tokenized
 with special tokens parsed (``<|im_start|>`` becomes one token, as at
 inference); stock llama-finetune spells them out as plain text.  (2) After every
-epoch it prints ``qes-peer: epoch N cpu_s S`` (the process's CPU seconds so far,
-``std::clock``) and, before the last, saves the model to ``OUT.epochN.gguf``, so
-one run gives an accuracy-against-CPU curve (scripts/vs_llama_finetune.py).  It
-is added to the unpacked tree as its own target, next to the stock one.
+epoch, and every ``QES_PEER_SAVE_EVERY`` optimizer steps when that variable is
+set, it prints ``qes-peer: epoch N cpu_s S`` (or ``step N``: the process's CPU
+seconds so far, ``std::clock``, less those spent saving) and saves the model to
+``OUT.epochN.gguf`` (``OUT.stepN.gguf``; the last epoch goes to ``OUT`` as
+stock), so one run gives an accuracy-against-CPU curve
+(scripts/vs_llama_finetune.py).  It is added to the unpacked tree as its own
+target, next to the stock one.
 """
 
 from __future__ import annotations
@@ -32,15 +35,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("llama-finetune", "llama-quantize")
 PATCHED = "llama-finetune-patched"
-PATCHES = {  # stock line -> patched line(s), each found exactly once in finetune.cpp
+# What the patched build adds before main(): a save of the model, with the process's CPU seconds
+# so far less those of earlier saves, after every QES_PEER_SAVE_EVERY optimizer steps and each epoch.
+CHECKPOINTS = r"""
+#include <cstdlib>
+
+static llama_model * qes_peer_model = nullptr;
+static std::string qes_peer_out;
+static long long qes_peer_every = 0, qes_peer_steps = 0;
+static double qes_peer_save_cpu = 0.0;
+
+static void qes_peer_save(const char * kind, long long n, bool write) {
+    const double start = (double) std::clock() / CLOCKS_PER_SEC;
+    fprintf(stderr, "\nqes-peer: %s %lld cpu_s %.3f\n", kind, n, start - qes_peer_save_cpu);
+    if (write) {
+        llama_model_save_to_file(qes_peer_model, (qes_peer_out + "." + kind + std::to_string(n) + ".gguf").c_str());
+        qes_peer_save_cpu += (double) std::clock() / CLOCKS_PER_SEC - start;
+    }
+}
+
+static void qes_peer_callback(bool train, ggml_opt_context_t opt_ctx, ggml_opt_dataset_t dataset,
+                              ggml_opt_result_t result, int64_t ibatch, int64_t ibatch_max, int64_t t_start_us) {
+    ggml_opt_epoch_callback_progress_bar(train, opt_ctx, dataset, result, ibatch, ibatch_max, t_start_us);
+    if (train && qes_peer_every > 0 && ++qes_peer_steps % qes_peer_every == 0) {
+        qes_peer_save("step", qes_peer_steps, true);
+    }
+}
+
+int main(int argc, char ** argv) {"""
+PATCHES = {  # stock text -> patched text, each found exactly once in finetune.cpp
+    "int main(int argc, char ** argv) {": CHECKPOINTS,
     "common_tokenize(ctx, params.prompt, true)":
         "common_tokenize(ctx, params.prompt, true, /*parse_special =*/ true)",
+    "    llama_opt_init(ctx, model, lopt_params);\n":
+        "    llama_opt_init(ctx, model, lopt_params);\n"
+        "    qes_peer_model = model;\n"
+        "    qes_peer_out = params.out_file;\n"
+        "    qes_peer_every = getenv(\"QES_PEER_SAVE_EVERY\") ? atoll(getenv(\"QES_PEER_SAVE_EVERY\")) : 0;\n",
+    "ggml_opt_epoch_callback_progress_bar, ggml_opt_epoch_callback_progress_bar);":
+        "qes_peer_callback, ggml_opt_epoch_callback_progress_bar);",
     "        ggml_opt_result_reset(result_eval);\n":
         "        ggml_opt_result_reset(result_eval);\n"
-        "        fprintf(stderr, \"qes-peer: epoch %d cpu_s %.3f\\n\", lr.epoch + 1, (double) std::clock() / CLOCKS_PER_SEC);\n"
-        "        if (lr.epoch + 1 < lr.epochs) {\n"
-        "            llama_model_save_to_file(model, (params.out_file + \".epoch\" + std::to_string(lr.epoch + 1) + \".gguf\").c_str());\n"
-        "        }\n",
+        "        qes_peer_save(\"epoch\", lr.epoch + 1, lr.epoch + 1 < lr.epochs);  // the last: saved to -o below\n",
 }
 PATCHED_CMAKE = f"""
 # added by qes-edge scripts/build_llama_finetune.py --patched
@@ -104,10 +140,21 @@ def unpack(archive: Path, dest: Path) -> Path:
     return source
 
 
+def patched_source(finetune: Path) -> str:
+    """finetune.cpp with PATCHES applied."""
+    text = finetune.read_text()
+    for stock, changed in PATCHES.items():
+        if text.count(stock) != 1:
+            fail(f"cannot patch {finetune}: {stock.strip()!r} not found exactly once")
+        text = text.replace(stock, changed)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patched", action="store_true",
-                        help="also build llama-finetune-patched (special tokens parsed; CPU seconds and a save each epoch)")
+                        help="also build llama-finetune-patched (special tokens parsed; CPU seconds and a save "
+                             "each epoch and every QES_PEER_SAVE_EVERY steps)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--native", action=argparse.BooleanOptionalAction, default=True,
                         help="-march=native (GGML_NATIVE; default on, as the installed wheel)")
@@ -122,22 +169,22 @@ def main() -> None:
     out = args.build_dir / f"llama.cpp-{ver}"
     targets = (*TARGETS, PATCHED) if args.patched else TARGETS
     binaries = [out / "bin" / t for t in targets]
-    if args.force or not all(b.is_file() for b in binaries):
+    cache = args.build_dir / "sdist"
+    stock = cache / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp" / "examples" / "training" / "finetune.cpp"
+    outdated = args.patched and stock.is_file() and (  # the patch changed since the last build
+        not stock.with_name("finetune-patched.cpp").is_file()
+        or stock.with_name("finetune-patched.cpp").read_text() != patched_source(stock))
+    if args.force or outdated or not all(b.is_file() for b in binaries):
         if not shutil.which("cmake"):
             fail("cmake not found on PATH (apt-get install cmake, or pip install cmake)")
         if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
             fail("no C++ compiler found on PATH (apt-get install g++)")
-        cache = args.build_dir / "sdist"
         source = unpack(sdist(cache, ver), cache / f"llama_cpp_python-{ver}")
         finetune = source / "examples" / "training" / "finetune.cpp"
         if not finetune.is_file() or not (source / "tools" / "quantize").is_dir():
             fail(f"the llama.cpp in llama-cpp-python {ver}'s sdist has no examples/training/finetune.cpp or tools/quantize")
         if args.patched:
-            text = finetune.read_text()
-            for stock, changed in PATCHES.items():
-                if text.count(stock) != 1:
-                    fail(f"cannot patch {finetune}: {stock.strip()!r} not found exactly once")
-                text = text.replace(stock, changed)
+            text = patched_source(finetune)
             patched = finetune.with_name("finetune-patched.cpp")
             if not patched.is_file() or patched.read_text() != text:
                 patched.write_text(text)

@@ -121,14 +121,15 @@ def check(base: Path, f32: Path, n: int, threads: int) -> None:
 
 
 def sft_text(model_path: Path, task_spec: str = "arithmetic", seed: int = 0, heldout: int = 128,
-             repeat: int = 1, shuffle_seed: int = 0) -> tuple[str, int]:
+             repeat: int = 1, shuffle_seed: int = 0, limit: int | None = None) -> tuple[str, int]:
     """The task's training split as chat conversations (reference reply = assistant turn), concatenated.
 
-    The split is qes-edge's own for ``seed`` and ``heldout``; items without a reference reply
-    are left out (there are none in the built-in tasks and the shipped JSONL tasks)."""
+    The split is qes-edge's own for ``seed`` and ``heldout`` (``limit``: its first items only);
+    items without a reference reply are left out (there are none in the built-in tasks and
+    the shipped JSONL tasks)."""
     task = load_task(task_spec, seed=seed, heldout=heldout)
     render = formatter(model_path, generation_prompt=False)
-    items = [it for it in task.train if it.reply is not None]
+    items = [it for it in task.train if it.reply is not None][:limit]
     rng = random.Random(shuffle_seed)
     parts = []
     for r in range(repeat):
@@ -152,6 +153,7 @@ def main() -> None:
     t.add_argument("--task", default="arithmetic", help="a built-in task or a JSONL file (default arithmetic)")
     t.add_argument("--task-seed", type=int, default=0, help="the run seed whose split is written (default 0)")
     t.add_argument("--heldout", type=int, default=128, help="held-out items (the rest are written)")
+    t.add_argument("--items", type=int, help="only the split's first N training items (default: all)")
     t.add_argument("--repeat", type=int, default=1, help="copies of the split (after the first, shuffled)")
     t.add_argument("--seed", type=int, default=0, help="shuffle seed of the repeats")
     m = sub.add_parser("meta", help="put the F32 base's metadata (chat template...) back on llama-finetune's output")
@@ -172,7 +174,7 @@ def main() -> None:
         if args.check:
             check(base, args.out, args.check, args.threads)
     else:
-        text, n = sft_text(base, args.task, args.task_seed, args.heldout, args.repeat, args.seed)
+        text, n = sft_text(base, args.task, args.task_seed, args.heldout, args.repeat, args.seed, args.items)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
         print(f"{args.out}: {n} items x {args.repeat}, {len(text)} characters")

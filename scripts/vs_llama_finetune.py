@@ -51,7 +51,7 @@ from finetune_inputs import restore, sft_text, to_f32  # noqa: E402
 from qes_edge.models import default_model_path  # noqa: E402
 
 TASK_FILES = ROOT / "benchmarks" / "tasks"
-EPOCH_LINE = re.compile(r"qes-peer: epoch (\d+) cpu_s ([0-9.]+)")
+CHECKPOINT_LINE = re.compile(r"qes-peer: (epoch|step) (\d+) cpu_s ([0-9.]+)")
 MB = 1024 * 1024
 
 
@@ -154,10 +154,10 @@ def peer_inputs(args, work: Path) -> tuple[Path, Path]:
     f32 = ROOT / "build" / "finetune" / "smollm2-135m-f32.gguf"
     if not f32.is_file():
         to_f32(default_model_path(), f32)
-    text = work / "train.txt"
+    text = work / f"train{'-items' + str(args.sft_items) if args.sft_items else ''}.txt"
     if not text.is_file():
         work.mkdir(parents=True, exist_ok=True)
-        body, n = sft_text(default_model_path(), task_spec(args.task), args.seed, args.heldout)
+        body, n = sft_text(default_model_path(), task_spec(args.task), args.seed, args.heldout, limit=args.sft_items)
         text.write_text(body)
         print(f"{text}: {n} training items as SFT text", flush=True)
     return f32, text
@@ -182,30 +182,34 @@ def peer_base(args, work: Path, f32: Path, bins: Path) -> dict:
 
 
 def peer_cell(args, work: Path, lr: str, f32: Path, text: Path, bins: Path, base: dict) -> dict:
-    cell = work / f"llama-finetune-lr{lr}-e{args.epochs}"
+    suffix = (f"-items{args.sft_items}" if args.sft_items else "") + (f"-every{args.save_every}" if args.save_every else "")
+    cell = work / f"llama-finetune-lr{lr}-e{args.epochs}{suffix}"
     result_path = cell / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     cell.mkdir(parents=True, exist_ok=True)
     out = cell / "out.gguf"
+    os.environ["QES_PEER_SAVE_EVERY"] = str(args.save_every or 0)
     usage = run_child([bins / "llama-finetune-patched", "-m", f32, "-f", text, "-o", out,
                        "-c", args.ctx, "-b", args.ctx, "-ub", args.ctx, "-t", args.threads,
                        "-epochs", args.epochs, "-lr", lr], cell / "train.log")
-    epochs = [(int(n), float(s)) for n, s in EPOCH_LINE.findall((cell / "train.log").read_text())]
-    if [n for n, _ in epochs] != list(range(1, args.epochs + 1)):
+    saves = [(kind, int(n), float(cpu)) for kind, n, cpu in CHECKPOINT_LINE.findall((cell / "train.log").read_text())]
+    if [n for kind, n, _ in saves if kind == "epoch"] != list(range(1, args.epochs + 1)):
         sys.exit(f"vs_llama_finetune: {cell / 'train.log'} lacks the per-epoch lines of the patched build")
-    curve, requantized, quantize_cpu = [base["f32"]], [base["requantized"]], []
-    for n, cpu in epochs:
-        saved = out if n == args.epochs else out.with_name(f"out.gguf.epoch{n}.gguf")
-        model = restore(saved, f32, cell / f"epoch{n}.f32.gguf")
-        q4 = cell / f"epoch{n}.Q4_1.gguf"
+    saves.sort(key=lambda s: s[2])
+    curve, requantized, quantize_cpu, points = [base["f32"]], [base["requantized"]], [], [["base", 0]]
+    for kind, n, cpu in saves:
+        final = kind == "epoch" and n == args.epochs
+        saved = out if final else out.with_name(f"out.gguf.{kind}{n}.gguf")
+        model = restore(saved, f32, cell / f"{kind}{n}.f32.gguf")
+        q4 = cell / f"{kind}{n}.Q4_1.gguf"
         quantize_cpu.append(quantize(model, q4, bins, args))
         f, q = (evaluate(m, args.task, args.seed, args.heldout) for m in (model, q4))
         curve.append([round(cpu / 60, 3), f["accuracy"], f["accuracy_se"]])
         requantized.append([round(cpu / 60, 3), q["accuracy"], q["accuracy_se"]])
-        print(f"  lr {lr} epoch {n}: {cpu / 60:.1f} CPU-min, F32 {f['accuracy']:.3f} ± {f['accuracy_se']:.3f}, "
+        points.append([kind, n])
+        print(f"  lr {lr} {kind} {n}: {cpu / 60:.1f} CPU-min, F32 {f['accuracy']:.3f} ± {f['accuracy_se']:.3f}, "
               f"Q4_1 {q['accuracy']:.3f} ± {q['accuracy_se']:.3f}", flush=True)
-        final = n == args.epochs
         sizes = {"output_mb": disk_mb(model), "output_q4_1_mb": disk_mb(q4)} if final else {}
         if saved != out:
             saved.unlink()
@@ -213,15 +217,21 @@ def peer_cell(args, work: Path, lr: str, f32: Path, text: Path, bins: Path, base
             model.unlink()
             q4.unlink()
     result = {"lr": float(lr), "epochs": args.epochs, "curve": curve, "curve_requantized": requantized,
-              "peak_rss_mb": usage["peak_rss_mb"], "process_cpu_s": usage["cpu_s"], "wall_s": usage["wall_s"],
-              "requantize_cpu_s": quantize_cpu, **sizes,
+              "points": points, "peak_rss_mb": usage["peak_rss_mb"], "process_cpu_s": usage["cpu_s"],
+              "wall_s": usage["wall_s"], "requantize_cpu_s": quantize_cpu, **sizes,
               "disk_mb": round(disk_mb(default_model_path(), f32, text) + sizes["output_mb"]
                                + sizes["output_q4_1_mb"], 1),
               "output_type": "F32 (re-quantized to Q4_1 by llama-quantize to ship the input's type)",
               "settings": f"-c {args.ctx} -b {args.ctx} -ub {args.ctx} -t {args.threads} -epochs {args.epochs} "
-                          f"-lr {lr} (AdamW, wd 0, validation split 0.05: stock defaults)"}
+                          f"-lr {lr} (AdamW, wd 0, validation split 0.05: stock defaults)"
+                          + (f"; saved every {args.save_every} steps" if args.save_every else "")}
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def peer_items(text: Path) -> int:
+    """Conversations in the SFT text (one per training item)."""
+    return text.read_text().count("<|im_start|>assistant")
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -239,12 +249,12 @@ def plot(entry: dict, path: Path, task: str) -> None:
 
     draw(entry["qes"]["curve"], "QES, Q4_1 in place", marker="o", color="C0")
     peer = entry["llama_finetune"]
-    for lr, cell in peer["sweep"].items():
-        best = lr == str(peer["lr"])
-        draw(cell["curve"], f"llama-finetune F32, lr {lr}", marker="s",
-             color="C1", alpha=1 if best else 0.35)
-        draw(cell["curve_requantized"], f"  ... re-quantized to Q4_1, lr {lr}",
-             marker="^", linestyle="--", color="C3", alpha=1 if best else 0.35)
+    for name, cell in peer["sweep"].items():
+        best = name == peer["cell"]
+        draw(cell["curve"], f"llama-finetune F32, {name}", marker="s",
+             color="C1", alpha=1 if best else 0.3)
+        draw(cell["curve_requantized"], f"  ... re-quantized to Q4_1, {name}",
+             marker="^", linestyle="--", color="C3", alpha=1 if best else 0.3)
     ax.set_xlabel("training CPU-minutes (every thread)")
     ax.set_ylabel(f"held-out accuracy (n = {entry['n_heldout']})")
     ax.set_title(f"{task}: QES vs llama-finetune on {entry['threads']} threads")
@@ -265,6 +275,10 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--lrs", default="1e-5,3e-5,1e-4", help="llama-finetune learning rates to sweep")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--sft-items", type=int, help="the peer's text: the training split's first N items "
+                        "(default: all; a large split's epoch takes hours)")
+    parser.add_argument("--save-every", type=int, help="also save and score the peer every N optimizer steps "
+                        "(one step: one window of --ctx tokens)")
     parser.add_argument("--ctx", type=int, default=256, help="llama-finetune's -c, -b and -ub")
     parser.add_argument("--arms", default="qes,llama-finetune")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "vs")
@@ -285,13 +299,27 @@ def main() -> None:
     if "llama-finetune" in arms:
         f32, text = peer_inputs(args, work)
         base = peer_base(args, work, f32, bins)
-        sweep = {lr: peer_cell(args, work, lr, f32, text, bins, base) for lr in args.lrs.split(",")}
-        best = max(sweep, key=lambda lr: sweep[lr]["curve"][-1][1])  # chosen on the held-out items: the peer's favour
-        chosen = sweep[best]
-        entry["llama_finetune"] = {**{k: v for k, v in chosen.items() if k != "lr"}, "lr": best,
-                                   "accuracy_requantized": chosen["curve_requantized"][-1][1:],
-                                   "lr_chosen_by": "final F32 held-out accuracy (favours the peer)",
-                                   "sweep": sweep, "sft_text": str(text)}
+        for lr in args.lrs.split(","):
+            peer_cell(args, work, lr, f32, text, bins, base)
+        sweep = {cell.parent.name.removeprefix("llama-finetune-"): json.loads(cell.read_text())
+                 for cell in sorted(work.glob("llama-finetune-*/result.json"))}  # every cell of this task so far
+        # The peer's best showing: the cell and saved point of highest held-out accuracy, F32 or re-quantized,
+        # chosen on the held-out items themselves (in the peer's favour).
+        best = lambda c, i: max(sweep[c]["curve"][i][1], sweep[c]["curve_requantized"][i][1])  # noqa: E731
+        name, at = max(((c, i) for c in sweep for i in range(1, len(sweep[c]["curve"]))), key=lambda ci: best(*ci))
+        f32_name, f32_at = max(((c, i) for c in sweep for i in range(1, len(sweep[c]["curve"]))),
+                               key=lambda ci: sweep[ci[0]]["curve"][ci[1]][1])
+        chosen = sweep[name]
+        entry["llama_finetune"] = {**chosen, "cell": name, "chosen_point": chosen["points"][at],
+                                   "accuracy": chosen["curve"][at][1:],
+                                   "accuracy_requantized": chosen["curve_requantized"][at][1:],
+                                   "best_f32": {"cell": f32_name, "point": sweep[f32_name]["points"][f32_at],
+                                                "cpu_minutes": sweep[f32_name]["curve"][f32_at][0],
+                                                "accuracy": sweep[f32_name]["curve"][f32_at][1:],
+                                                "accuracy_requantized": sweep[f32_name]["curve_requantized"][f32_at][1:]},
+                                   "chosen_by": "highest held-out accuracy, F32 or re-quantized, over every cell and "
+                                                "saved point (chosen on the held-out items: the peer's favour)",
+                                   "sweep": sweep, "sft_items": peer_items(text)}
     report["tasks"][args.task] = entry
     # the first task's entry also at the top level: the keys the issue names
     first = report["tasks"].get("arithmetic", entry)
@@ -302,12 +330,12 @@ def main() -> None:
     args.json.write_text(json.dumps(report, indent=1) + "\n")
 
     print(f"\n{args.task} (seed {args.seed}, held-out n = {args.heldout}, {args.threads} threads)")
-    print(f"{'side':<34} {'CPU-min':>8} {'accuracy':>9} {'SE':>6}")
+    print(f"{'side':<44} {'CPU-min':>8} {'accuracy':>9} {'SE':>6}")
     for side, curve in [("QES (Q4_1)", entry.get("qes", {}).get("curve", []))] + [
-            (f"llama-finetune lr {lr} F32", c["curve"]) for lr, c in entry.get("llama_finetune", {}).get("sweep", {}).items()] + [
-            (f"llama-finetune lr {lr} -> Q4_1", c["curve_requantized"]) for lr, c in entry.get("llama_finetune", {}).get("sweep", {}).items()]:
+            (f"llama-finetune {name} F32", c["curve"]) for name, c in entry.get("llama_finetune", {}).get("sweep", {}).items()] + [
+            (f"llama-finetune {name} -> Q4_1", c["curve_requantized"]) for name, c in entry.get("llama_finetune", {}).get("sweep", {}).items()]:
         for cpu, acc, se in curve:
-            print(f"{side:<34} {cpu:8.2f} {acc:9.3f} {se:6.3f}")
+            print(f"{side:<44} {cpu:8.2f} {acc:9.3f} {se:6.3f}")
     for side in ("qes", "llama_finetune"):
         if side in entry:
             e = entry[side]
