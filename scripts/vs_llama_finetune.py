@@ -1,7 +1,7 @@
 """QES against llama.cpp's backprop fine-tuner, on the same work: held-out accuracy against CPU-minutes.
 
     python scripts/build_llama_finetune.py --patched        # once: the peer, from the installed llama.cpp
-    nice -n 0 python scripts/vs_llama_finetune.py [--task arithmetic] [--lrs 1e-5,3e-5,1e-4] [--epochs 2]
+    python scripts/vs_llama_finetune.py [--task arithmetic] [--lrs 1e-5,3e-5,1e-4] [--epochs 2]
 
 Both sides start from the demo model (SmolLM2-135M-Instruct) and run on this
 machine with the same threads (``--threads``, default 2), one after the other,
@@ -114,7 +114,7 @@ def qes_child(argv: list[str]) -> None:
 
 
 def qes_arm(args, work: Path) -> dict:
-    cell = work / "qes"
+    cell = work / f"qes-it{args.iterations}-every{args.eval_every}"
     result_path = cell / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
