@@ -135,14 +135,26 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
         bar.write(f"held-out @ {iteration}: accuracy {result.accuracy:.3f} ± {result.accuracy_se:.3f} "
                   f"(n={result.n}), reward {result.reward:.3f} ± {result.reward_se:.3f}")
 
+    postfix = {}
+
     def on_progress(p):
-        postfix = {"reward": f"{p.reward:.3f}"}
-        if p.heldout:
-            postfix["held-out"] = f"{p.heldout.accuracy:.3f}"
-        if p.bytes_sent is not None:
-            postfix["sent"] = f"{p.bytes_sent / 1000:.1f} kB"
+        if p.judged:  # a held-out evaluation under way
+            postfix["judging"] = f"{p.judged[0]}/{p.judged[1]}"
+            bar.set_postfix(postfix)
+            return
+        postfix.pop("judging", None)
+        if p.candidates:  # within an iteration: the bar moves by candidates, so its rate and ETA do too
+            postfix["candidate"] = f"{p.candidates}/{p.population}"
+            bar.update(round(p.iteration + p.candidates / p.population - bar.n, 6))
+        else:
+            postfix.pop("candidate", None)
+            postfix["reward"] = f"{p.reward:.3f}"
+            if p.heldout:
+                postfix["held-out"] = f"{p.heldout.accuracy:.3f}"
+            if p.bytes_sent is not None:
+                postfix["sent"] = f"{p.bytes_sent / 1000:.1f} kB"
+            bar.update(p.iteration - bar.n)
         bar.set_postfix(postfix)
-        bar.update(p.iteration - bar.n)
 
     try:
         result = api.train(training, on_progress, on_heldout)

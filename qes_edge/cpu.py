@@ -1,4 +1,4 @@
-"""The cores this process may run on."""
+"""What this machine gives a run: the cores this process may run on, and the memory available."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def physical_cores() -> int:
     if cores:
         return len(cores)
     return len(allowed) if allowed else (os.cpu_count() or 1)
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -37,6 +37,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -161,12 +162,12 @@ class Fleet(Population):
     def __exit__(self, *exc):
         self.close()
 
-    def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
+    def score(self, seeds: np.ndarray, iteration: int, stop, scored: dict, on_scored: Callable) -> dict | None:
         """{(pair, sign): per-prompt rewards}; candidates go to whichever worker is free."""
-        queue = collections.deque((p, sign) for p in range(len(seeds)) for sign in (1, -1))
+        queue = collections.deque((p, sign) for p in range(len(seeds)) for sign in (1, -1) if (p, sign) not in scored)
         idle = collections.deque(self.workers)
         pending: dict = {}  # ref -> (worker, candidate)
-        rewards = {}
+        rewards = dict(scored)
         while queue or pending:
             while queue and idle and not stop.requested:
                 index, (p, sign) = idle.popleft(), queue.popleft()
@@ -183,6 +184,7 @@ class Fleet(Population):
             try:
                 rewards[candidate] = self._get(ref, index)
                 self._count(rewards[candidate])
+                on_scored(candidate, rewards[candidate])
                 idle.append(index)
             except _WorkerDied:
                 queue.appendleft(candidate)  # scored again elsewhere
@@ -216,7 +218,7 @@ class Fleet(Population):
         self.weights_sha256 = agreed_weights(digests, {i: self.where[i]["host"] for i in digests}, when) \
             or self.weights_sha256
 
-    def heldout(self) -> HeldOut:
+    def heldout(self, on_judged: Callable[[int, int], None] = lambda done, total: None) -> HeldOut:
         while True:
             index = next(iter(self.workers))
             try:

@@ -7,7 +7,7 @@ this process, and :class:`qes_edge.fleet.Fleet`, replicas on Ray workers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ContextManager, Optional
+from typing import Callable, ContextManager, Optional
 
 import numpy as np
 
@@ -27,9 +27,13 @@ class Population(ABC):
     def __exit__(self, *exc) -> None: ...
 
     @abstractmethod
-    def score(self, seeds: np.ndarray, iteration: int, stop) -> Optional[dict]:
+    def score(self, seeds: np.ndarray, iteration: int, stop, scored: dict,
+              on_scored: Callable[[tuple, list], None]) -> Optional[dict]:
         """{(pair, sign): per-prompt rewards} of the iteration's candidates, or None when ``stop.requested``
-        cut the iteration short.  Either way every replica is at the checkpoint again after."""
+        cut the iteration short.  Either way every replica is at the checkpoint again after.
+
+        ``scored``: candidates already scored (by a run stopped in this iteration), not scored again;
+        ``on_scored(candidate, rewards)`` is called as each other one is, from any thread."""
 
     @abstractmethod
     def updated(self, history: list) -> ContextManager[tuple]:
@@ -38,8 +42,9 @@ class Population(ABC):
         which the block writes."""
 
     @abstractmethod
-    def heldout(self) -> HeldOut:
-        """Held-out accuracy and reward of the replicas' model."""
+    def heldout(self, on_judged: Callable[[int, int], None] = lambda done, total: None) -> HeldOut:
+        """Held-out accuracy and reward of the replicas' model; ``on_judged(done, total)`` as groups of items
+        are judged (a fleet judges them on one worker, and says nothing until it is done)."""
 
     def report(self) -> Optional[FleetReport]:
         """What the metrics line records about the population itself; a population in this process has nothing."""

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cpu import physical_cores
+from .cpu import mem_available, physical_cores
 from .errors import QesError
 from .evaluator import BATCH_TOKENS, CONTEXT_PER_PROMPT  # the context a replica's evaluator asks for
 from .model_file import ModelFile
@@ -118,15 +118,11 @@ class Machine:
         return path.is_dir() and os.access(path, os.W_OK)
 
     def mem_available(self) -> int | None:
-        """MemAvailable from /proc/meminfo, or None where there is none (not Linux)."""
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        return None
+        return mem_available()
+
+    def on_tmpfs(self, path: Path) -> bool:
+        """Is ``path`` on /dev/shm (RAM) rather than on a disk?"""
+        return SHM.is_dir() and self.device(path) == self.device(SHM)
 
 
 def replicas(model: ModelFile, settings: Settings, machine: Machine | None = None) -> int:
@@ -192,15 +188,19 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
         wanted, free = sum(size for _, _, size in items), machine.free_bytes(where)
         if wanted > free:
             names = {what for what, _, _ in items}
-            helps = (["--residual replay"] if "residual sidecar" in names else []) + \
+            helps = ([same_result_replay(settings)] if "residual sidecar" in names else []) + \
                     (["another --run-dir"] if names & {"residual sidecar", "working copy"} else []) + \
                     (["a smaller --parallel"] if "working copy" in names and replicas > 1 else []) + \
                     (["another --out"] if "tuned GGUF" in names else [])
             problems.append(f"{where} is {mib(wanted - free)} short ({', '.join(sorted(names))} need "
                             f"{mib(wanted)}, {mib(free)} free; try {' or '.join(helps)})")
     available = None if fleet else machine.mem_available()
+    if available is not None and live and Path(live).is_file() and machine.on_tmpfs(Path(live)):
+        # a resumed run's copies still on tmpfs (a killed run leaves them there) hold RAM already: MemAvailable
+        # does not count them, so neither does what the run still needs
+        available += sum(f.stat().st_size for f in Path(live).parent.glob("*.gguf"))
     if available is not None and need.ram > available:
-        helps = [f"--residual replay saves {mib(need.sidecar)}"] if need.sidecar else []
+        helps = [f"{same_result_replay(settings)} saves {mib(need.sidecar)}"] if need.sidecar else []
         if replicas > 1:
             per_replica = (need.ram - estimate(model, settings).ram) // (replicas - 1)
             helps.append(f"each replica less in --parallel saves {mib(per_replica)}")
@@ -209,6 +209,12 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
         problems.append(f"RAM is {mib(need.ram - available)} short (a run needs about {mib(need.ram)}, "
                         f"MemAvailable is {mib(available)}" + (f"; {', '.join(helps)}" if helps else "") + ")")
     return problems
+
+
+def same_result_replay(settings: Settings) -> str:
+    """The options that keep no sidecar and give the same bytes: a replay window that covers the run (each
+    update then replays every iteration so far, a few hundredths of a second each per billion codes)."""
+    return f"--residual replay --window {settings.iterations}"
 
 
 def check(model: ModelFile, settings: Settings, run_dir: Path, out: Path, **options) -> None:

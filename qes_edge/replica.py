@@ -127,16 +127,21 @@ class LocalPopulation(Population):
             replica.close()
         self.replicas = []
 
-    def score(self, seeds: np.ndarray, iteration: int, stop) -> dict | None:
-        candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1)]
+    def score(self, seeds: np.ndarray, iteration: int, stop, scored: dict, on_scored: Callable) -> dict | None:
+        candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1) if (p, sign) not in scored]
+
+        def score_one(replica: Replica, candidate: tuple) -> list:
+            rewards = replica.rewards(candidate[1] * int(seeds[candidate[0]]), iteration, keep=True)
+            on_scored(candidate, rewards)
+            return rewards
+
         with self.copy.changing(restored_on=QesError):  # a QesError comes with every candidate taken off
             try:
-                rewards = self._share(candidates, lambda replica, c: replica.rewards(c[1] * int(seeds[c[0]]),
-                                                                                     iteration, keep=True), stop)
+                rewards = self._share(candidates, score_one, stop)
             finally:
                 for replica in self.replicas:
                     replica.take_off()
-        return None if stop.requested else dict(zip(candidates, rewards))
+        return None if stop.requested else {**scored, **dict(zip(candidates, rewards))}
 
     @contextlib.contextmanager
     def updated(self, history: list):
@@ -147,11 +152,20 @@ class LocalPopulation(Population):
             yield result
 
     @timed(HELDOUT)
-    def heldout(self) -> HeldOut:
+    def heldout(self, on_judged: Callable[[int, int], None] = lambda done, total: None) -> HeldOut:
         items = self.task.heldout
         wave = self.replicas[0].scorer.evaluator.n_seq_max  # what one replica decodes together
         waves = [items[i:i + wave] for i in range(0, len(items), wave)]
-        judged = self._share(waves, lambda replica, w: replica.scorer.judge(w))
+        done, counting = [0], threading.Lock()
+
+        def judge(replica: Replica, items_of_wave: list) -> list:
+            rows = replica.scorer.judge(items_of_wave)
+            with counting:
+                done[0] += len(items_of_wave)
+                on_judged(done[0], len(items))
+            return rows
+
+        judged = self._share(waves, judge)
         return HeldOut.of(items, [row for rows in judged for row in rows])
 
     def _share(self, jobs: list, work: Callable, stop=None) -> list:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu import mem_available
 from .errors import QesError
 from .faults import crash_point
 from .kernels import FRACTION_BITS, CodeSpace
@@ -83,11 +84,16 @@ class SidecarResidual:
 
         An update touches nearly every page of it (its support is spread over
         the whole model), so the pages are mapped writable in one call up front
-        rather than one fault at a time, which halves an update's time.
+        rather than one fault at a time, which halves an update's time — when
+        they fit in RAM.  When they do not (a large model on a small machine),
+        populating them all up front would read the whole file only to evict its
+        start before the update reaches it; then they fault in as the update
+        walks the file in order, and the kernel reads ahead.
         """
         with open(self.path, "r+b") as f:
             view = mmap.mmap(f.fileno(), 0)
-        if sys.platform == "linux":
+        available = mem_available()
+        if sys.platform == "linux" and (available is None or len(view) < available // 2):
             try:
                 view.madvise(_MADV_POPULATE_WRITE)
             except OSError:  # Linux before 5.14: the pages fault in one at a time

@@ -8,6 +8,7 @@
     live.dirty       present while the working copy differs from the checkpoint
     live.unsynced    the boot in which the working copy was last written without a sync
     lock             held by the process that trains the run
+    scored.json      the rewards of the candidates scored so far in the iteration under way
     reward_curve.png
 
 An iteration ends in :meth:`Run.checkpoint`: its metrics line is appended,
@@ -61,6 +62,7 @@ class RunFiles:
         self.dirty = self.root / "live.dirty"
         self.unsynced = self.root / "live.unsynced"
         self.lock = self.root / "lock"
+        self.scored = self.root / "scored.json"
         self.reward_curve = self.root / "reward_curve.png"
 
 
@@ -170,6 +172,26 @@ class Run:
         """End an iteration: its metrics line, then state.json (the checkpoint itself)."""
         self.append_metrics(line)
         self.save()
+        self.files.scored.unlink(missing_ok=True)
+
+    # -- scored.json: the candidates scored so far in the iteration under way --
+
+    def scored(self) -> dict:
+        """{(pair, sign): per-prompt rewards} of the candidates a run stopped or killed in this iteration
+        had scored ({} when none): a candidate's rewards are a pure function of the checkpoint and
+        its seed, so they are not scored again."""
+        try:
+            kept = json.loads(self.files.scored.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(kept, dict) or kept.get("iteration") != self.iteration:
+            return {}  # left by an iteration that then completed
+        return {(p, sign): rewards for p, sign, rewards in kept["rewards"]}
+
+    @timed(CHECKPOINT)
+    def keep_scored(self, scored: dict) -> None:
+        rows = [[p, sign, [float(r) for r in rewards]] for (p, sign), rewards in sorted(scored.items())]
+        write_atomically(self.files.scored, json.dumps({"iteration": self.iteration, "rewards": rows}).encode())
 
     @contextlib.contextmanager
     def lock(self):

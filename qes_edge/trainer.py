@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,17 @@ from .run import Run
 
 @dataclass
 class Progress:
-    iteration: int
+    """After each iteration (``candidates`` 0), and after each candidate within one."""
+
+    iteration: int  # completed iterations
     iterations: int
-    reward: float
+    reward: float | None  # the iteration's mean reward; None within an iteration
     heldout: HeldOut | None
     seconds: float
     bytes_sent: int | None = None  # with --ray: what crossed the network this iteration
+    candidates: int = 0  # candidates scored so far in the iteration under way
+    population: int = 0
+    judged: tuple[int, int] | None = None  # (items judged, held-out items) while a held-out evaluation runs
 
 
 @dataclass
@@ -50,16 +56,23 @@ def train(run: Run, population: Population, on_progress: Callable[[Progress], No
           on_heldout: Callable[[int, HeldOut], None] = lambda t, h: None) -> Trained:
     """Run the remaining iterations of ``run``, its candidates scored by ``population``.
 
-    Ctrl-C once: finish the candidate, restore, checkpoint, stop; twice: stop now.
+    Ctrl-C once: finish the candidate, restore, keep what is scored, stop; twice: stop now.  Every
+    candidate's rewards are kept as it is scored (scored.json), so a run stopped or killed within an
+    iteration loses at most the candidates in flight.
     """
     s = run.settings
     pairs = s.population // 2
     stop = StopFlag()
     started = time.perf_counter()
+    keeping = threading.Lock()
+
+    def on_judged(done: int, total: int) -> None:
+        on_progress(Progress(run.iteration, s.iterations, None, None, time.perf_counter() - started,
+                             judged=(done, total)))
     with run.lock(), population:
         run.truncate_metrics()
         if run.iteration == 0 and run.heldout(0) is None:
-            heldout = population.heldout()
+            heldout = population.heldout(on_judged)
             run.append_metrics(MetricsLine(0, heldout=heldout))
             on_heldout(0, heldout)
         with stop.installed():
@@ -67,7 +80,16 @@ def train(run: Run, population: Population, on_progress: Callable[[Progress], No
                 # score the iteration's mirrored candidates
                 t, t0 = run.iteration, time.perf_counter()
                 seeds = iteration_seeds(s.seed, t, pairs)
-                rewards = population.score(seeds, t, stop)
+                scored = run.scored()
+
+                def on_scored(candidate: tuple, rewards: list) -> None:
+                    with keeping:
+                        scored[candidate] = rewards
+                        run.keep_scored(scored)
+                        on_progress(Progress(t, s.iterations, None, None, time.perf_counter() - started,
+                                             candidates=len(scored), population=s.population))
+
+                rewards = population.score(seeds, t, stop, dict(scored), on_scored)
                 if rewards is None:  # stopped between candidates, each one restored
                     break
                 if t == 0 and not s.force:
@@ -88,7 +110,7 @@ def train(run: Run, population: Population, on_progress: Callable[[Progress], No
                     run.iteration = t + 1
                     heldout = None
                     if run.iteration % s.eval_every == 0 or run.iteration == s.iterations:
-                        heldout = population.heldout()
+                        heldout = population.heldout(on_judged)
                         on_heldout(run.iteration, heldout)
                     report = population.report()
                     run.checkpoint(MetricsLine(run.iteration, step, heldout, report,

@@ -51,7 +51,7 @@ from pathlib import Path
 from qes_edge.models import default_model_path
 from qes_edge.settings import Settings
 
-OVERRIDABLE = ("iterations", "population", "batch", "sigma", "alpha", "threads", "heldout")
+OVERRIDABLE = ("iterations", "population", "batch", "max_tokens", "sigma", "alpha", "threads", "heldout")
 
 
 def pss_mb() -> float:
@@ -73,19 +73,22 @@ def settings_from(args) -> Settings:
     return Settings(eval_every=10 ** 6, **given)
 
 
-def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int) -> dict:
+def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int, keep: Path | None = None) -> dict:
+    """Train a run and split its time by phase; ``keep``: a directory for the run and its tuned GGUF, kept
+    after (else a temporary one)."""
     from qes_edge import api, phases
     from qes_edge.files import file_sha256
     from qes_edge.run import read_metrics
 
     phases.reset()
     with tempfile.TemporaryDirectory(prefix="bench-iteration-") as tmp:
-        training = api.start(model, settings, run_dir=Path(tmp) / "run", out=Path(tmp) / "tuned.gguf",
+        where = Path(keep or tmp)
+        training = api.start(model, settings, run_dir=where / "run", out=where / "tuned.gguf",
                              replicas=replicas, threads=threads)
         total = api.train(training).seconds
         weights = file_sha256(training.out)
         steps = [m.step for m in read_metrics(training.run.run_dir) if m.step]
-        run_dir_files = sorted(p.name for p in (Path(tmp) / "run").iterdir())
+        run_dir_files = sorted(p.name for p in (where / "run").iterdir())
     n = settings.iterations
     seconds, calls = phases.seconds(), phases.calls()
     heldout = seconds.pop(phases.HELDOUT)
@@ -155,7 +158,7 @@ def memory_in_child(mode: str, args) -> dict:
     command = [sys.executable, __file__, str(args.model), "--memory-child", mode]
     for key in OVERRIDABLE:
         if getattr(args, key) is not None:
-            command += [f"--{key}", str(getattr(args, key))]
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -189,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", type=Path, default=None)
     for key in OVERRIDABLE:
-        parser.add_argument(f"--{key}", type=type(getattr(Settings(), key) or 0), default=None)
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(getattr(Settings(), key) or 0),
+                            default=None)
     parser.add_argument("--quick", action="store_true", help="2 iterations, population 2, batch 8 (under a minute on a quiet machine)")
     parser.add_argument("--json", type=Path, default=Path("bench_iteration.json"))
     parser.add_argument("--png", type=Path, default=Path("bench_iteration.png"))

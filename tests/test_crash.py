@@ -128,3 +128,23 @@ def test_a_finished_run_releases_its_working_copy(uninterrupted, default_model, 
     assert code == 0, output
     assert sha256(tmp_path / "a.gguf") == sha256(tmp_path / "b.gguf") == uninterrupted[0]
     assert json.loads((run_dir / "state.json").read_text())["live"] is None  # rebuilt in a temporary place
+
+
+def test_a_run_killed_within_an_iteration_scores_only_the_candidates_it_had_not(uninterrupted, default_model,
+                                                                                  tmp_path):
+    """Each candidate's rewards are kept as it is scored: a resume scores the others, to the same bytes."""
+    run_dir, out = tmp_path / "run", tmp_path / "tuned.gguf"
+    # one replica, 2 candidates an iteration: the 3rd perturbation is iteration 2's first candidate, the 4th
+    # its second
+    command = ["train", str(default_model), *SETTINGS, "--parallel", "1", "--run-dir", str(run_dir), "--out", str(out)]
+    code, output = qes_edge(command, crash_at="perturb:4")
+    assert code == -signal.SIGKILL, output
+    state = json.loads((run_dir / "state.json").read_text())
+    kept = json.loads((run_dir / "scored.json").read_text())
+    assert state["iteration"] == kept["iteration"] == 1
+    assert [row[:2] for row in kept["rewards"]] == [[0, 1]]  # the first candidate of the iteration under way
+    # 3 perturbations remain (iteration 2's second candidate, iteration 3's two); a 4th would be a re-score
+    code, output = qes_edge(["train", "--resume", str(run_dir), "--out", str(out)], crash_at="perturb:4")
+    assert code == 0, output
+    assert sha256(out) == uninterrupted[0]
+    assert not (run_dir / "scored.json").exists()

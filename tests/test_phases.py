@@ -43,3 +43,19 @@ def test_a_run_marks_every_phase_of_an_iteration(default_model, tmp_path):
     assert calls[phases.PERTURB] >= 4
     assert calls[phases.UPDATE] == 2 and calls[phases.CHECKPOINT] >= 2
     assert calls[phases.METRICS] == 3 and calls[phases.HELDOUT] == 2
+
+
+def test_progress_comes_with_every_candidate_and_every_group_of_held_out_items(default_model, tmp_path):
+    """An iteration of a large model takes minutes: the run says where it is within one."""
+    from helpers import TINY
+    from qes_edge import api
+    from qes_edge.settings import Settings
+
+    seen = []
+    training = api.start(default_model, Settings(**{**TINY, "heldout": 3}), run_dir=tmp_path / "run",
+                         out=tmp_path / "out.gguf", replicas=1)
+    api.train(training, seen.append)
+    assert [(p.iteration, p.candidates) for p in seen if p.candidates] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    # held-out items are judged two at a time (the batch): at iteration 0 and at the end
+    assert [(p.iteration, p.judged) for p in seen if p.judged] == [(0, (2, 3)), (0, (3, 3)), (2, (2, 3)), (2, (3, 3))]
+    assert [p.iteration for p in seen if not p.candidates and not p.judged] == [1, 2]

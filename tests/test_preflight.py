@@ -91,7 +91,7 @@ def test_too_little_ram_names_the_shortfall_and_what_helps(tmp_path):
     [problem] = shortfalls(model(), Settings(), tmp_path / "run", tmp_path / "out.gguf",
                            machine=FakeMachine(ram=ram))
     assert problem.startswith("RAM is 100.0 MiB short")
-    assert f"--residual replay saves {2 * CODES / MiB:,.1f} MiB" in problem
+    assert f"--residual replay --window 25 saves {2 * CODES / MiB:,.1f} MiB" in problem  # the same bytes
     assert "--batch" in problem
     assert shortfalls(model(), Settings(residual="replay"), tmp_path / "run", tmp_path / "out.gguf",
                       machine=FakeMachine(ram=ram)) == []
@@ -133,7 +133,7 @@ def test_a_full_shm_puts_the_copy_in_the_run_directory_whose_disk_must_hold_it(t
     machine = FakeMachine(shm=FILE, disk=wanted - 5 * MiB)
     [problem] = shortfalls(model(), Settings(), tmp_path / "run", tmp_path / "run" / "out.gguf", machine=machine)
     assert problem.startswith(f"{tmp_path} is 5.0 MiB short (residual sidecar, tuned GGUF, working copy need")
-    assert "try --residual replay or another --run-dir or another --out" in problem
+    assert "try --residual replay --window 25 or another --run-dir or another --out" in problem
     with_room_in_shm = FakeMachine(disk=wanted - 5 * MiB)  # the copy goes to /dev/shm instead
     assert shortfalls(model(), Settings(), tmp_path / "run", tmp_path / "run" / "out.gguf",
                       machine=with_room_in_shm) == []
@@ -166,6 +166,30 @@ def test_a_resumed_runs_sidecar_and_copy_need_no_more_room(tmp_path):
         f.truncate(n.working_copy)
     assert shortfalls(model(), Settings(), run_dir, run_dir / "out.gguf", live=run_dir / "live.gguf",
                       machine=machine) == []
+
+
+def test_a_resumed_runs_copies_on_tmpfs_are_ram_it_already_holds(tmp_path):
+    """A killed run leaves its working copy and mirrors on /dev/shm: MemAvailable no longer counts them, and
+    the resume needs no more RAM for them (a 7B run was refused here for counting its copy twice)."""
+    run_dir, copies = tmp_path / "run", tmp_path / "qes-edge-0123"
+    copies.mkdir()
+    for name in ("live.gguf", "mirror-1.gguf"):
+        with open(copies / name, "wb") as f:
+            f.truncate(FILE)
+
+    class Tmpfs(FakeMachine):
+        def on_tmpfs(self, path):
+            return True
+
+    two = estimate(model(), Settings(), 2)
+    left = two.ram - 2 * FILE + MiB  # MemAvailable once the two copies are on /dev/shm
+    resumed = dict(replicas=2, live=copies / "live.gguf")
+    assert shortfalls(model(), Settings(), run_dir, tmp_path / "out.gguf", machine=Tmpfs(ram=left), **resumed) == []
+    [short] = shortfalls(model(), Settings(), run_dir, tmp_path / "out.gguf", machine=Tmpfs(ram=left), replicas=2)
+    assert short.startswith("RAM is")  # a new run makes its copies: it needs their RAM
+    [short] = shortfalls(model(), Settings(), run_dir, tmp_path / "out.gguf", machine=FakeMachine(ram=left),
+                         **resumed)
+    assert short.startswith("RAM is")  # a copy on a disk holds no RAM
 
 
 def test_check_refuses_in_one_line(tmp_path):
