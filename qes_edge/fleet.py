@@ -44,7 +44,7 @@ import numpy as np
 from .errors import QesError
 from .files import file_sha256
 from .metrics import FleetReport, HeldOut
-from .population import Population
+from .population import Population, candidates_left
 from .replica import Replica
 from .run import Run
 from .working_copy import WorkingCopy
@@ -164,7 +164,7 @@ class Fleet(Population):
 
     def score(self, seeds: np.ndarray, iteration: int, stop, scored: dict, on_scored: Callable) -> dict | None:
         """{(pair, sign): per-prompt rewards}; candidates go to whichever worker is free."""
-        queue = collections.deque((p, sign) for p in range(len(seeds)) for sign in (1, -1) if (p, sign) not in scored)
+        queue = collections.deque(candidates_left(seeds, scored))
         idle = collections.deque(self.workers)
         pending: dict = {}  # ref -> (worker, candidate)
         rewards = dict(scored)

@@ -14,6 +14,11 @@ import numpy as np
 from .metrics import FleetReport, HeldOut
 
 
+def candidates_left(seeds: np.ndarray, scored: dict) -> list[tuple[int, int]]:
+    """The iteration's candidates (pair, sign), mirrored pairs in order, but those already ``scored``."""
+    return [(p, sign) for p in range(len(seeds)) for sign in (1, -1) if (p, sign) not in scored]
+
+
 class Population(ABC):
     """Replicas of a run at its checkpoint that score candidates and take updates.
 

@@ -21,7 +21,7 @@ from .kernels import support_seed
 from .metrics import HeldOut
 from .model_file import ModelFile
 from .phases import HELDOUT, timed
-from .population import Population
+from .population import Population, candidates_left
 from .run import Run
 from .scorer import open_scorer
 from .tasks import Task
@@ -128,7 +128,7 @@ class LocalPopulation(Population):
         self.replicas = []
 
     def score(self, seeds: np.ndarray, iteration: int, stop, scored: dict, on_scored: Callable) -> dict | None:
-        candidates = [(p, sign) for p in range(len(seeds)) for sign in (1, -1) if (p, sign) not in scored]
+        candidates = candidates_left(seeds, scored)
 
         def score_one(replica: Replica, candidate: tuple) -> list:
             rewards = replica.rewards(candidate[1] * int(seeds[candidate[0]]), iteration, keep=True)

@@ -29,7 +29,8 @@ from .run import Run
 
 @dataclass
 class Progress:
-    """After each iteration (``candidates`` 0), and after each candidate within one."""
+    """After each iteration (``candidates`` 0, ``judged`` None), after each candidate within one, and after
+    each group of items a held-out evaluation judges."""
 
     iteration: int  # completed iterations
     iterations: int

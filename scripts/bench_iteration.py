@@ -54,9 +54,10 @@ from qes_edge.settings import Settings
 OVERRIDABLE = ("iterations", "population", "batch", "max_tokens", "sigma", "alpha", "threads", "heldout")
 
 
-def pss_mb() -> float:
+def pss_mb(pid: int | str = "self") -> float:
+    """A process's proportional set size now (this one's by default), MB; NaN where it cannot be read."""
     try:
-        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     except OSError:

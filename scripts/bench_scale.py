@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -59,7 +58,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_iteration import pss_mb
 from scale_models import SHAPES, make_model
+
+from qes_edge.files import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent
@@ -87,16 +89,6 @@ def written_mb(pid: int) -> float | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def pss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return 0.0
 
 
 def measured(command: list[str], kill_when=None) -> Measured:
@@ -128,14 +120,6 @@ def qes_edge(*args) -> list[str]:
 
 def options(settings: dict) -> list[str]:
     return [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class StepFailed(Exception):
@@ -279,7 +263,7 @@ def pipeline(row: dict, path: Path, model) -> None:
         export = checked("export", measured(qes_edge("export", run_dir, "--out", exported, "--recipe", tmp / "recipe")))
         row["export_s"] = round(export.seconds, 1)
         row["export_peak_rss_mb"] = round(export.peak_rss_mb)
-        row["export_matches_training"] = sha256(exported) == sha256(tuned)
+        row["export_matches_training"] = file_sha256(exported) == file_sha256(tuned)
         load = measured([sys.executable, __file__, "--load-child", str(exported)])
         row["exported_loads"] = load.code == 0 and last_json(load.output)["loaded"]
         row["load_s"] = round(load.seconds, 1)
@@ -287,7 +271,7 @@ def pipeline(row: dict, path: Path, model) -> None:
         apply = checked("apply", measured(qes_edge("apply", tmp / "recipe", path, "--out", applied)))
         row["recipe_bytes"] = (tmp / "recipe").stat().st_size
         row["apply_s"] = round(apply.seconds, 1)
-        row["recipe_applies"] = sha256(applied) == sha256(tuned)
+        row["recipe_applies"] = file_sha256(applied) == file_sha256(tuned)
         for f in (exported, applied):
             f.unlink()
 
@@ -309,7 +293,7 @@ def pipeline(row: dict, path: Path, model) -> None:
             from qes_edge.working_copy import release
 
             release(Run.load(killed_dir))
-        row["resume_same_bytes"] = sha256(killed_out) == sha256(tuned)
+        row["resume_same_bytes"] = file_sha256(killed_out) == file_sha256(tuned)
         row["resume_s"] = round(resumed.seconds, 1)
 
 
