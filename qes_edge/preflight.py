@@ -212,7 +212,7 @@ def shortfalls(model: ModelFile, settings: Settings, run_dir: Path, out: Path, *
 
 
 def same_result_replay(settings: Settings) -> str:
-    """The options that keep no sidecar and give the same bytes: a replay window that covers the run (each
+    """The options that keep no sidecar and give the same weights: a replay window that covers the run (each
     update then replays every iteration so far; measured costs in docs/large-models.md)."""
     return f"--residual replay --window {settings.iterations}"
 
