@@ -24,9 +24,12 @@ continuous twin of QES's: weight += d * sigma_dense * eps with eps ~ N(0, 1)
 per weight, d the weight's Q4_1 block scale (one code step) and
 sigma_dense = sqrt(sigma * sqrt(2/pi)), so each weight's perturbation has
 the variance of QES's sparse one; the update is
-weight += d * alpha/(N sigma) * sum_p c_p * sigma_dense * eps_p with the same
-coefficients c_p — QES's step with its sparse delta replaced by a dense
-Gaussian and no rounding at all.
+weight += d * alpha_t/(N sigma) * sum_p c_p * sigma_dense * eps_p with the same
+coefficients c_p and QES's step schedule alpha_t (``alpha_decay``) — QES's
+step with its sparse delta replaced by a dense Gaussian and no rounding at
+all.  At every held-out evaluation it keeps a checkpoint (the float32
+master weights, ``dense/dense-state.npz``, ~0.5 GB, and the curve so far),
+so a long full-precision cell resumes like a QES one.
 
 Per task the report pools the seeds: each arm's held-out change (after minus
 before, paired over the same items) averaged over seeds, its standard error
@@ -47,8 +50,8 @@ alpha=0.1`` for another regime; give each combination its own --work), and
 ``--arms`` runs some of the arms only.
 
 Cells live under --work (default: a temporary directory); re-running with
-the same --work resumes unfinished QES cells and reuses finished ones, and
-re-running with ``--set iterations=N`` continues every QES cell's run to N
+the same --work resumes unfinished cells and reuses finished ones, and
+re-running with ``--set iterations=N`` continues every cell to N
 iterations (their first iterations are the same bytes: nothing depends on
 the total).  With
 ``--jobs 2 --threads 1`` two cells run side by side, one thread each.
@@ -73,7 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from qes_edge.convert import convert_matrices
-from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards
+from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards, step_size
 from qes_edge import api
 from qes_edge.api import Run, Settings, default_model_path, open_model, open_scorer
 from qes_edge.files import make_working_copy
@@ -145,6 +148,7 @@ class DenseES:
             self.views.append(view)
             self.master.append(view.astype(np.float32))
         self.sigma_dense = math.sqrt(settings.sigma * math.sqrt(2 / math.pi))
+        self.checkpoint = work / "dense-state.npz"
 
     def noise(self, seed: int) -> list[np.ndarray]:
         return [np.random.Generator(np.random.PCG64([int(seed), i])).standard_normal(m.shape, dtype=np.float32)
@@ -155,17 +159,35 @@ class DenseES:
         for i, (view, master, d) in enumerate(zip(self.views, self.master, self.scales)):
             view[:] = master if eps is None else master + (sign * self.sigma_dense) * d * eps[i]
 
+    def save(self, t: int, seconds: float, curve: list[dict]) -> None:
+        """A checkpoint after iteration t (at each held-out evaluation): master weights and the curve so far."""
+        np.savez(self.checkpoint.with_suffix(".tmp.npz"), *self.master)
+        self.checkpoint.with_suffix(".tmp.npz").replace(self.checkpoint)
+        state = {"iteration": t, "seconds": seconds, "curve": curve}
+        self.checkpoint.with_suffix(".json").write_text(json.dumps(state))
+
+    def restore(self) -> tuple[int, float, list[dict]] | None:
+        """The last checkpoint, if the cell has one: the run continues after it with the same bytes."""
+        meta = self.checkpoint.with_suffix(".json")
+        if not (meta.exists() and self.checkpoint.exists()):
+            return None
+        state = json.loads(meta.read_text())
+        with np.load(self.checkpoint) as saved:
+            self.master = [saved[f"arr_{i}"] for i in range(len(self.master))]
+        self.write()
+        return state["iteration"], state["seconds"], state["curve"]
+
     def train(self) -> dict:
         s = self.settings
         pairs = s.population // 2
-        step = s.alpha / (s.population * s.sigma) * self.sigma_dense
-        seconds = 0.0
         # the F16 file is scored as the quantized source would be: its name and chat template choose the prompts
         with open_scorer(self.live, s, self.quantized, n_seq_max=s.batch) as score:
             task = score.task
-            curve = [point(0, 0.0, score.heldout())]
-            for t in range(s.iterations):
+            start, seconds, curve = self.restore() or (0, 0.0, [point(0, 0.0, score.heldout())])
+            for t in range(start, s.iterations):
                 started = time.perf_counter()
+                # QES's step schedule (alpha / sqrt(1 + t / alpha_decay)) on the dense step
+                step = step_size(s.alpha, s.alpha_decay, t) / (s.population * s.sigma) * self.sigma_dense
                 seeds = iteration_seeds(s.seed, t, pairs)
                 items = iteration_batch(task, s.seed, t, s.batch)
                 plus, minus = [], []
@@ -183,6 +205,7 @@ class DenseES:
                 seconds += time.perf_counter() - started
                 if (t + 1) % s.eval_every == 0 or t + 1 == s.iterations:
                     curve.append(point(t + 1, seconds, score.heldout()))
+                    self.save(t + 1, seconds, curve)
         return {"curve": curve}
 
 
@@ -224,8 +247,8 @@ def finished(work: Path, settings: Settings) -> dict | None:
 def cell(source: Path, settings: Settings, arm: str, work: Path) -> dict:
     """One (task, arm, seed) cell, computed once: its result is kept in work/result.json.
 
-    Asked for more iterations than its result has, a QES cell
-    continues its run and the full-precision cell starts again.
+    Asked for more iterations than its result has, a cell continues: a QES
+    cell its run, the full-precision cell from its last checkpoint.
     """
     done = work / "result.json"
     result = finished(work, settings)
