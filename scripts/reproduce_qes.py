@@ -27,9 +27,11 @@ the variance of QES's sparse one; the update is
 weight += d * alpha_t/(N sigma) * sum_p c_p * sigma_dense * eps_p with the same
 coefficients c_p and QES's step schedule alpha_t (``alpha_decay``) — QES's
 step with its sparse delta replaced by a dense Gaussian and no rounding at
-all.  At every held-out evaluation it keeps a checkpoint (the float32
-master weights, ``dense/dense-state.npz``, ~0.5 GB, and the curve so far),
-so a long full-precision cell resumes like a QES one.
+all.  At every held-out evaluation it keeps a checkpoint: the curve so far
+and every iteration's coefficients (``dense/dense-state.json``, small), and
+the float32 master weights as a cache (``dense/dense-state.npz``, ~0.5 GB);
+a long full-precision cell resumes like a QES one, from the cache or, on
+another machine, by replaying the coefficients from the base.
 
 Per task the report pools the seeds: each arm's held-out change (after minus
 before, paired over the same items) averaged over seeds, its standard error
@@ -159,54 +161,73 @@ class DenseES:
         for i, (view, master, d) in enumerate(zip(self.views, self.master, self.scales)):
             view[:] = master if eps is None else master + (sign * self.sigma_dense) * d * eps[i]
 
-    def save(self, t: int, seconds: float, curve: list[dict]) -> None:
-        """A checkpoint after iteration t (at each held-out evaluation): master weights and the curve so far."""
-        np.savez(self.checkpoint.with_suffix(".tmp.npz"), *self.master)
-        self.checkpoint.with_suffix(".tmp.npz").replace(self.checkpoint)
-        state = {"iteration": t, "seconds": seconds, "curve": curve}
-        self.checkpoint.with_suffix(".json").write_text(json.dumps(state))
+    def step(self, t: int, coefficients: list[float]) -> None:
+        """Iteration t's update of the master weights: QES's step schedule on the dense step."""
+        s = self.settings
+        step = step_size(s.alpha, s.alpha_decay, t) / (s.population * s.sigma) * self.sigma_dense
+        for seed, c in zip(iteration_seeds(s.seed, t, s.population // 2), coefficients):
+            if c:
+                for master, d, e in zip(self.master, self.scales, self.noise(seed)):
+                    master += (step * c) * d * e
 
-    def restore(self) -> tuple[int, float, list[dict]] | None:
-        """The last checkpoint, if the cell has one: the run continues after it with the same bytes."""
+    def save(self, state: dict) -> None:
+        """A checkpoint at a held-out evaluation: the master weights (a cache, ~0.5 GB, kept out of git)
+        and the state — iteration, seconds, curve and every iteration's coefficients (small, committed)."""
+        cache = self.checkpoint.with_suffix(".tmp.npz")
+        np.savez(cache, *self.master, iteration=state["iteration"])
+        cache.replace(self.checkpoint)
+        meta = self.checkpoint.with_suffix(".tmp.json")
+        meta.write_text(json.dumps(state))
+        meta.replace(self.checkpoint.with_suffix(".json"))
+
+    def restore(self) -> dict | None:
+        """The last checkpoint, if the cell has one: the run continues after it with the same bytes.
+
+        The master weights come from the cache when it holds that iteration, else by replaying the
+        recorded coefficients from the base (the same float32 operations in the same order).
+        """
         meta = self.checkpoint.with_suffix(".json")
-        if not (meta.exists() and self.checkpoint.exists()):
+        if not meta.exists():
             return None
         state = json.loads(meta.read_text())
-        with np.load(self.checkpoint) as saved:
-            self.master = [saved[f"arr_{i}"] for i in range(len(self.master))]
+        cached = False
+        if self.checkpoint.exists():
+            with np.load(self.checkpoint) as saved:
+                if int(saved["iteration"]) == state["iteration"]:
+                    self.master, cached = [saved[f"arr_{i}"] for i in range(len(self.master))], True
+        if not cached:
+            for t, coefficients in enumerate(state["coefficients"]):
+                self.step(t, coefficients)
         self.write()
-        return state["iteration"], state["seconds"], state["curve"]
+        return state
 
     def train(self) -> dict:
         s = self.settings
-        pairs = s.population // 2
         # the F16 file is scored as the quantized source would be: its name and chat template choose the prompts
         with open_scorer(self.live, s, self.quantized, n_seq_max=s.batch) as score:
             task = score.task
-            start, seconds, curve = self.restore() or (0, 0.0, [point(0, 0.0, score.heldout())])
-            for t in range(start, s.iterations):
+            state = self.restore() or {"iteration": 0, "seconds": 0.0, "coefficients": [],
+                                       "curve": [point(0, 0.0, score.heldout())]}
+            for t in range(state["iteration"], s.iterations):
                 started = time.perf_counter()
-                # QES's step schedule (alpha / sqrt(1 + t / alpha_decay)) on the dense step
-                step = step_size(s.alpha, s.alpha_decay, t) / (s.population * s.sigma) * self.sigma_dense
-                seeds = iteration_seeds(s.seed, t, pairs)
                 items = iteration_batch(task, s.seed, t, s.batch)
                 plus, minus = [], []
-                for seed in seeds:
+                for seed in iteration_seeds(s.seed, t, s.population // 2):
                     eps = self.noise(seed)
                     self.write(eps, 1)
                     plus.append(score.rewards(items))
                     self.write(eps, -1)
                     minus.append(score.rewards(items))
-                for seed, c in zip(seeds, shape_rewards(plus, minus, s.shaping)):
-                    if c:
-                        for master, d, e in zip(self.master, self.scales, self.noise(seed)):
-                            master += (step * c) * d * e
+                coefficients = [float(c) for c in shape_rewards(plus, minus, s.shaping)]
+                self.step(t, coefficients)
                 self.write()
-                seconds += time.perf_counter() - started
+                state["coefficients"].append(coefficients)
+                state["seconds"] += time.perf_counter() - started
                 if (t + 1) % s.eval_every == 0 or t + 1 == s.iterations:
-                    curve.append(point(t + 1, seconds, score.heldout()))
-                    self.save(t + 1, seconds, curve)
-        return {"curve": curve}
+                    state["curve"].append(point(t + 1, state["seconds"], score.heldout()))
+                    state["iteration"] = t + 1
+                    self.save(state)
+        return {"curve": state["curve"]}
 
 
 def f16_copy(source: Path, work: Path) -> Path:
