@@ -81,8 +81,8 @@ from qes_edge.convert import convert_matrices
 from qes_edge.es import iteration_batch, iteration_seeds, shape_rewards, step_size
 from qes_edge import api
 from qes_edge.api import Run, Settings, default_model_path, open_model, open_scorer
-from qes_edge.files import make_working_copy
-from qes_edge.run import read_metrics
+from qes_edge.files import atomic_output, make_working_copy
+from qes_edge.run import read_metrics, write_atomically
 from qes_edge.settings import about, value_type
 from qes_edge.settings import names as settings_names
 from qes_edge.tasks import mean_with_stderr
@@ -173,12 +173,9 @@ class DenseES:
     def save(self, state: dict) -> None:
         """A checkpoint at a held-out evaluation: the master weights (a cache, ~0.5 GB, kept out of git)
         and the state — iteration, seconds, curve and every iteration's coefficients (small, committed)."""
-        cache = self.checkpoint.with_suffix(".tmp.npz")
-        np.savez(cache, *self.master, iteration=state["iteration"])
-        cache.replace(self.checkpoint)
-        meta = self.checkpoint.with_suffix(".tmp.json")
-        meta.write_text(json.dumps(state))
-        meta.replace(self.checkpoint.with_suffix(".json"))
+        with atomic_output(self.checkpoint, f"cannot write {self.checkpoint}") as tmp, open(tmp, "wb") as f:
+            np.savez(f, *self.master, iteration=state["iteration"])
+        write_atomically(self.checkpoint.with_suffix(".json"), json.dumps(state).encode())
 
     def restore(self) -> dict | None:
         """The last checkpoint, if the cell has one: the run continues after it with the same bytes.
