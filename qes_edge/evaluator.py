@@ -26,6 +26,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from qes_edge.errors import QesError
 from qes_edge.cpu import physical_cores
+from qes_edge.stock_llama import amx_kernel_built
 
 Message = Mapping[str, str]
 # A plain string, chat messages [{"role": ..., "content": ...}], or token ids.
@@ -149,6 +150,9 @@ class Evaluator:
         if not 1 <= n_seq_max <= n_batch:
             raise QesError(f"n_seq_max must be between 1 and n_batch ({n_batch}), not {n_seq_max}")
 
+        if repack and amx_kernel_built():
+            raise QesError("repacked weights on a llama.cpp built with its AMX kernel segfault (llama.cpp issue "
+                           "20824): build llama-cpp-python without it (docs/usage.md, 'A CPU with AMX')")
         model_params = llama.llama_model_default_params()
         model_params.n_gpu_layers = 0
         # The weights must stay views of the file: memory-mapped, never

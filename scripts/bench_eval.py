@@ -23,11 +23,11 @@ from pathlib import Path
 
 import click
 import numpy as np
-from llama_cpp import Llama
 from llama_cpp import llama_cpp as llama
 
 from qes_edge.evaluator import Evaluator
 from qes_edge.models import default_model_path
+from qes_edge.stock_llama import stock_llama
 
 TOPICS = [
     "the moon", "bread", "volcanoes", "the internet", "honey bees", "chess", "rain", "bicycles",
@@ -104,7 +104,7 @@ def main(model, n_prompts, max_tokens, threads, flash_attn, repeat, quick, json_
         raw_prompt_tok_s, raw_generation_tok_s = raw_decode(
             ev, min(n_prompts, ev.n_seq_max), raw_prompt, raw_gen, repeat)
 
-    llm = Llama(str(model), n_ctx=2048, n_threads=n_threads, n_threads_batch=n_threads,
+    llm = stock_llama(model, n_ctx=2048, n_threads=n_threads, n_threads_batch=n_threads,
                 flash_attn=flash_attn, verbose=False)
     try:
         def one_at_a_time():

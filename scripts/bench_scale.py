@@ -151,9 +151,9 @@ def train_child(model: Path, where: Path, settings: dict) -> None:
 
 def load_child(model: Path) -> None:
     """The GGUF loaded by llama.cpp and a few tokens generated from it."""
-    from llama_cpp import Llama
+    from qes_edge.stock_llama import stock_llama
 
-    llm = Llama(str(model), n_ctx=128, n_threads=os.cpu_count(), verbose=False)
+    llm = stock_llama(model, n_ctx=128, n_threads=os.cpu_count(), verbose=False)
     text = llm("What is 2 + 3?", max_tokens=4)["choices"][0]["text"]
     print(json.dumps({"loaded": True, "text": text}))
 
@@ -168,9 +168,10 @@ def throughput_child(model: Path) -> None:
     """llama.cpp's own speed on the model, as llama-bench measures it: a 512-token prompt processed in one
     batch (pp512, the work that scores candidates) and 32 tokens generated one at a time (tg32)."""
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(str(model), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=os.cpu_count(), verbose=False)
+    from qes_edge.stock_llama import stock_llama
+
+    llm = stock_llama(model, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=os.cpu_count(), verbose=False)
     tokens = np.random.default_rng(0).integers(1000, 40000, 512).tolist()
     llm.eval(tokens[:16])  # warm up
     llm.reset()

@@ -93,8 +93,8 @@ def formatter(model_path: Path, generation_prompt: bool):
 
 def greedy(model_path: Path, items, task, threads: int) -> list[str]:
     """Greedy replies of the model to the items' chat prompts (special tokens parsed, as qes-edge does)."""
-    from llama_cpp import Llama
-    llm = Llama(str(model_path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    from qes_edge.stock_llama import stock_llama
+    llm = stock_llama(model_path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     render = formatter(model_path, generation_prompt=True)
     replies = []
     for item in items:

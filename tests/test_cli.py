@@ -12,6 +12,7 @@ from helpers import sha256
 from qes_edge.cli import cli
 from qes_edge.formats import format_of
 from qes_edge.kernels import native
+from qes_edge.stock_llama import stock_llama
 from qes_edge.tasks import accuracy_with_stderr
 
 def train(workspace, *args):
@@ -59,11 +60,9 @@ def test_train_writes_a_gguf_that_differs_only_in_trainable_codes(workspace, def
     assert changed > 0
 
     # Stock llama-cpp-python runs the tuned file, and computes something else than from the base model.
-    from llama_cpp import Llama
-
     logits = []
     for path in (default_model, out):
-        llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+        llm = stock_llama(path, n_ctx=256, logits_all=True, verbose=False)
         try:
             llm.eval(llm.tokenize(b"The capital of France is"))
             logits.append(np.array(llm.scores[llm.n_tokens - 1]))

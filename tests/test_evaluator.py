@@ -16,6 +16,7 @@ from llama_cpp import llama_cpp as llama
 from qes_edge.errors import QesError
 from qes_edge.evaluator import Completion, Evaluator
 from qes_edge.cpu import physical_cores
+from qes_edge.stock_llama import amx_kernel_built, stock_llama
 from qes_edge.tasks import accuracy_with_stderr, load_task
 
 QUESTIONS = [
@@ -80,21 +81,13 @@ def rss_bytes() -> int:
 
 
 @pytest.fixture
-def reference_llama(monkeypatch):
+def reference_llama():
     """``reference_llama(path)``: the high-level Llama, loaded like the evaluator
     loads (no weight repacking), so both run the same kernels on the same bytes."""
     opened = []
-    default_params = llama.llama_model_default_params
-
-    def no_repacking():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    monkeypatch.setattr(llama, "llama_model_default_params", no_repacking)
 
     def load(path) -> Llama:
-        opened.append(Llama(str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False))
+        opened.append(stock_llama(path, repack=False, n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False))
         return opened[-1]
 
     yield load
@@ -187,6 +180,15 @@ def test_edits_to_the_live_file_are_seen_without_reload(quant, model_of_type, tm
     assert live.read_bytes() == model_of_type(quant).read_bytes()
 
 
+def test_repacked_weights_run_or_are_refused_with_the_reason(default_model):
+    # llama.cpp's AMX kernel, built into llama-cpp-python on an AMX CPU, segfaults on repacked weights.
+    if amx_kernel_built():
+        with pytest.raises(QesError, match="AMX kernel"):
+            Evaluator(default_model, repack=True)
+        return
+    with Evaluator(default_model, repack=True) as ev:
+        assert 1 <= len(ev.generate(PROMPTS[:1], 4)[0].tokens) <= 4
+
 def test_one_copy_of_the_weights(tmp_model_copy):
     tensor = matrix(tmp_model_copy, "Q4_1", "blk.0.ffn_down")
     with Evaluator(tmp_model_copy) as ev:
@@ -267,7 +269,7 @@ def test_default_threads_are_physical_cores():
 @pytest.mark.slow
 def test_default_model_has_room_to_learn_arithmetic(default_model):
     """Greedy, the default model gets some of the arithmetic task right and some wrong (docs/how-it-works.md, "arithmetic (the default)")."""
-    llm = Llama(str(default_model), n_ctx=512, n_threads=2, verbose=False)
+    llm = stock_llama(default_model, n_ctx=512, n_threads=2, verbose=False)
     try:
         task = load_task("arithmetic")
         flags = []

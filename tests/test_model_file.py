@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import gguf
-import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
@@ -23,6 +22,7 @@ from qes_edge.files import file_sha256, make_working_copy
 from qes_edge.gguf_export import export_model
 from qes_edge.model_file import open_model, tensor_views
 from qes_edge.models import default_model_path
+from qes_edge.stock_llama import stock_llama
 
 N_LAYERS = 30
 MATRICES_PER_LAYER = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -37,7 +37,7 @@ def stored_keys(reader: GGUFReader) -> set[str]:
 
 
 def greedy_text(path: Path, n_tokens: int = 8) -> str:
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False)
+    llm = stock_llama(path, n_ctx=256, verbose=False)
     try:
         return llm(PROMPT, max_tokens=n_tokens, temperature=0.0)["choices"][0]["text"]
     finally:

@@ -14,6 +14,8 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, quants
 
+from qes_edge.stock_llama import stock_llama
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from scale_models import SHAPES, WEIGHT_STD, make_model, quant_type, use_more_bits  # noqa: E402
 
@@ -37,8 +39,6 @@ def test_the_shapes_have_the_published_sizes():
 
 @pytest.mark.parametrize("mix", ["q4_k_m", "q4_0"])
 def test_a_scale_model_is_a_model_llama_cpp_runs(mix, tmp_path):
-    from llama_cpp import Llama
-
     path = make_model("tiny", mix, tmp_path)
     reader = GGUFReader(path)
     types = {t.name: t.tensor_type for t in reader.tensors}
@@ -52,7 +52,7 @@ def test_a_scale_model_is_a_model_llama_cpp_runs(mix, tmp_path):
             assert np.isfinite(weights).all()
             assert abs(weights.mean()) < 0.003 and abs(weights.std() - WEIGHT_STD) < 0.001, tensor.name
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == SHAPES["tiny"].n_vocab
-    llm = Llama(str(path), n_ctx=64, verbose=False)
+    llm = stock_llama(path, n_ctx=64, verbose=False)
     assert len(llm.tokenize(b"What is 2 + 3?")) > 3
     assert llm("What is 2 + 3?", max_tokens=4, temperature=0)["usage"]["completion_tokens"] >= 1
     assert make_model("tiny", mix, tmp_path) == path  # made once
