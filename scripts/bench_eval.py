@@ -105,7 +105,7 @@ def main(model, n_prompts, max_tokens, threads, flash_attn, repeat, quick, json_
             ev, min(n_prompts, ev.n_seq_max), raw_prompt, raw_gen, repeat)
 
     llm = stock_llama(model, n_ctx=2048, n_threads=n_threads, n_threads_batch=n_threads,
-                flash_attn=flash_attn, verbose=False)
+                      flash_attn=flash_attn, verbose=False)
     try:
         def one_at_a_time():
             return [llm.create_chat_completion(p, temperature=0.0, top_k=1, max_tokens=max_tokens)

@@ -189,6 +189,7 @@ def test_repacked_weights_run_or_are_refused_with_the_reason(default_model):
     with Evaluator(default_model, repack=True) as ev:
         assert 1 <= len(ev.generate(PROMPTS[:1], 4)[0].tokens) <= 4
 
+
 def test_one_copy_of_the_weights(tmp_model_copy):
     tensor = matrix(tmp_model_copy, "Q4_1", "blk.0.ffn_down")
     with Evaluator(tmp_model_copy) as ev:
