@@ -171,8 +171,9 @@ def train(model, ray_address, workers, run_dir, out, resume, **chosen):
 
 
 def announce(run) -> None:
-    click.echo(f"run {run.run_dir}  model {run.base_file}  task {run.settings.task}  "
-               f"iteration {run.iteration}/{run.settings.iterations}")
+    s = run.settings
+    click.echo(f"run {run.run_dir}  model {run.base_file}  task {s.task}  sigma {s.sigma}  alpha {s.alpha}  "
+               f"iteration {run.iteration}/{s.iterations}")
 
 
 @cli.command()
@@ -287,6 +288,7 @@ def inspect(model, as_json, **chosen):
     model, ollama = find_model(model)
     stem = model_stem(model, ollama.reference if ollama else None)
     info = open_model(model, train_embeddings=s.train_embeddings)
+    stepped = s.for_codes(info.codes_by_type)  # the --sigma and --alpha a run would take
     replicas = preflight.replicas(info, s)
     need = preflight.estimate(info, s, replicas)
     run_dir = Path("runs") / stem  # where `train` would put the run, give or take its time stamp
@@ -297,6 +299,7 @@ def inspect(model, as_json, **chosen):
                 {"name": t.name, "type": t.type_name, "shape": list(t.shape), "trainable": t.trainable,
                  "reason": t.reason} for t in info.tensors],
             "trainable_tensors": len(info.trainable), "trainable_codes": info.trainable_codes,
+            "codes_by_type": info.codes_by_type, "sigma": stepped.sigma, "alpha": stepped.alpha,
             "memory": {**asdict(need), "ram": need.ram}, "fits_here": not problems, "short": problems}))
         return
     width = max(len(t.name) for t in info.tensors)
@@ -304,7 +307,7 @@ def inspect(model, as_json, **chosen):
         status = "train" if t.trainable else f"frozen: {t.reason}"
         click.echo(f"{t.name:<{width}}  {t.type_name:<6} {'x'.join(map(str, t.shape)):<14} {status}")
     click.echo(f"{len(info.trainable)} of {len(info.tensors)} tensors trainable, "
-               f"{info.trainable_codes:,} codes")
+               f"{info.trainable_codes:,} codes; steps --sigma {stepped.sigma} --alpha {stepped.alpha}")
     click.echo(f"a run with --batch {s.batch} --residual {s.residual} --parallel {replicas} needs "
                "(estimated, see docs/usage.md, 'The preflight'):")
     for line in need.lines():

@@ -59,6 +59,14 @@ class ModelFile:
     def trainable_codes(self) -> int:
         return sum(t.n_elements for t in self.trainable)
 
+    @property
+    def codes_by_type(self) -> dict[str, int]:
+        """The trainable codes per quant type name (Q4_1, Q8_0, ...)."""
+        codes: dict[str, int] = {}
+        for t in self.trainable:
+            codes[t.type_name] = codes.get(t.type_name, 0) + t.n_elements
+        return codes
+
     def tensor(self, name: str) -> TensorInfo:
         for t in self.tensors:
             if t.name == name:

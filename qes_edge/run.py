@@ -97,6 +97,8 @@ class Run:
 
     @classmethod
     def create(cls, run_dir: Path, source: Path, settings: Settings, ollama: OllamaModel | None = None) -> Run:
+        """A new run of ``settings`` on ``source``, its state saved; --sigma and --alpha not given take the
+        defaults for the model's codes (:meth:`Settings.for_codes`)."""
         settings.check()
         run_dir = Path(run_dir)
         if RunFiles(run_dir).state.exists():
@@ -106,6 +108,7 @@ class Run:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise QesError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        settings = settings.for_codes(open_model(source, settings.train_embeddings).codes_by_type)
         run = cls(run_dir, Path(source).resolve(), settings, file_sha256(source),
                   base_file=ollama.reference if ollama else Path(source).name,
                   ollama=ollama.record() if ollama else None)

@@ -106,8 +106,11 @@ class Settings:
                                   "reply).", check=OneOf(("auto", "likelihood", "reward")))
     iterations: int = setting(25, "Iterations to train (a resumed run may raise it).", check=AtLeast(0),
                               free_on_resume=True)
-    sigma: float = setting(0.005, "Perturbation scale, in code steps.", check=Within(0, 4, open_low=True))
-    alpha: float = setting(0.02, "Learning rate, in code steps.", check=Positive())
+    sigma: float | None = setting(None, "Perturbation scale, in code steps (default: by the model's quant type, "
+                                        "0.005, or 0.3 when most trainable codes are Q8_0).",
+                                  check=Within(0, 4, open_low=True))
+    alpha: float | None = setting(None, "Learning rate, in code steps (default: by the model's quant type, 0.02, "
+                                        "or 1.2 when most trainable codes are Q8_0).", check=Positive())
     alpha_decay: float = setting(10.0, "Iteration t steps alpha / sqrt(1 + t / ALPHA_DECAY) (0: a constant "
                                        "alpha).", check=Within(0, 1e9))
     decay: float = setting(1.0, "Residual decay gamma (1: nothing forgotten).", check=Within(0, 1))
@@ -152,6 +155,19 @@ class Settings:
         if self.shaping == "tscore" and self.batch < 2:
             raise QesError("--shaping tscore needs --batch 2 or more (it weighs each pair by its standard error)")
 
+    def for_codes(self, codes_by_type: dict[str, int]) -> Settings:
+        """These settings with --sigma and --alpha, where not given, the defaults for the model's codes.
+
+        ``codes_by_type``: the trainable codes per quant type name.  The type
+        holding most of them decides: a Q8_0 code step is about a sixteenth
+        of a 4-bit one in weight terms, so Q8_0 takes larger steps (measured
+        in BENCHMARKS.md, "Q8_0's step").
+        """
+        most = max(codes_by_type, key=codes_by_type.get, default=None)
+        sigma, alpha = STEP_DEFAULTS.get(most, STEP_DEFAULTS[None])
+        return dataclasses.replace(self, sigma=sigma if self.sigma is None else self.sigma,
+                                   alpha=alpha if self.alpha is None else self.alpha)
+
     def load_task(self) -> Task:
         """The task these settings name, with their reward, seed and held-out size; a QesError when it
         cannot give the ``--signal`` asked for."""
@@ -182,6 +198,10 @@ class Settings:
                 value = about_it.recorded_as(self) if about_it.recorded_as else getattr(self, name)
                 records[name] = "" if value is None else value
         return records
+
+
+# (--sigma, --alpha) by the quant type that holds most of a model's trainable codes; None: every other type
+STEP_DEFAULTS: dict[str | None, tuple[float, float]] = {None: (0.005, 0.02), "Q8_0": (0.3, 1.2)}
 
 
 def names() -> list[str]:

@@ -49,7 +49,8 @@ import tempfile
 from pathlib import Path
 
 from qes_edge.models import default_model_path
-from qes_edge.settings import Settings
+from qes_edge.model_file import open_model
+from qes_edge.settings import Settings, value_type
 
 OVERRIDABLE = ("iterations", "population", "batch", "max_tokens", "sigma", "alpha", "threads", "heldout")
 
@@ -71,7 +72,7 @@ def peak_rss_mb() -> float:
 
 def settings_from(args) -> Settings:
     given = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None}
-    return Settings(eval_every=10 ** 6, **given)
+    return Settings(eval_every=10 ** 6, **given).for_codes(open_model(args.model).codes_by_type)
 
 
 def time_breakdown(model: Path, settings: Settings, replicas: int, threads: int, keep: Path | None = None) -> dict:
@@ -193,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", type=Path, default=None)
     for key in OVERRIDABLE:
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=type(getattr(Settings(), key) or 0),
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=value_type(key),
                             default=None)
     parser.add_argument("--quick", action="store_true", help="2 iterations, population 2, batch 8 (under a minute on a quiet machine)")
     parser.add_argument("--json", type=Path, default=Path("bench_iteration.json"))

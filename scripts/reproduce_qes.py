@@ -452,6 +452,7 @@ def main() -> None:
         task_seeds[task] += [int(x) for x in more.split(",") if int(x) not in task_seeds[task]]
     base = Settings(threads=args.threads, **{**(QUICK if args.quick else {}), **dict(map(setting_value, args.set))})
     base.check()
+    base = base.for_codes(open_model(source).codes_by_type)
 
     def settings_of(task: str, arm: str, seed: int) -> Settings:
         iterations = args.long if arm == "long" else base.iterations

@@ -222,6 +222,25 @@ def test_inspect_lists_trainable_and_frozen_tensors(default_model):
     assert info["trainable_codes"] == 106_168_320  # 30 layers x 7 matrices of SmolLM2-135M
 
 
+def test_a_q8_0_model_takes_larger_steps_unless_told(model_of_type, default_model, tmp_path):
+    # a Q8_0 code step is about a sixteenth of a Q4_1 one in weight terms: the defaults follow the codes
+    q8 = model_of_type("Q8_0")
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(q8), "--json"]).output)
+    assert info["codes_by_type"] == {"Q8_0": 106_168_320}
+    assert (info["sigma"], info["alpha"]) == (0.3, 1.2)
+    for model, given, steps in ((q8, [], (0.3, 1.2)), (q8, ["--sigma", "0.01"], (0.01, 1.2)),
+                                (default_model, [], (0.005, 0.02))):
+        run_dir = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        result = CliRunner().invoke(cli, ["train", str(model), "--iterations", "0", "--heldout", "1", *given,
+                                          "--run-dir", str(run_dir), "--out", str(run_dir / "out.gguf")])
+        assert result.exit_code == 0, result.output
+        recorded = json.loads((run_dir / "state.json").read_text())["settings"]
+        assert (recorded["sigma"], recorded["alpha"]) == steps
+        assert f"sigma {steps[0]}  alpha {steps[1]}" in result.output
+        tuned = GGUFReader(run_dir / "out.gguf")
+        assert (tuned.fields["qes.sigma"].contents(), tuned.fields["qes.alpha"].contents()) == pytest.approx(steps)
+
+
 def test_eval_reports_accuracy_with_standard_error(default_model):
     result = CliRunner().invoke(cli, ["eval", str(default_model), "--task", "arithmetic", "--heldout", "4",
                                       "--json", "--threads", "2"])

@@ -154,3 +154,14 @@ def test_state_json_holds_every_setting_and_reads_back(run_dir):
     assert state["settings"] == dataclasses.asdict(RUN)
     assert Run.load(run_dir).settings == RUN
 
+
+def test_steps_not_given_follow_the_type_holding_most_codes():
+    assert (Settings().for_codes({"Q4_1": 8}).sigma, Settings().for_codes({"Q4_1": 8}).alpha) == (0.005, 0.02)
+    mixed = Settings().for_codes({"Q4_K": 5, "Q8_0": 9, "Q6_K": 2})
+    assert (mixed.sigma, mixed.alpha) == (0.3, 1.2)
+    assert Settings().for_codes({"Q4_K": 9, "Q8_0": 5}).sigma == 0.005
+    assert Settings().for_codes({}).alpha == 0.02  # nothing trainable: the 4-bit defaults
+    given = Settings(sigma=0.01).for_codes({"Q8_0": 1})
+    assert (given.sigma, given.alpha) == (0.01, 1.2)
+    assert Settings(alpha=0.5).for_codes({"Q8_0": 1}).alpha == 0.5
+
