@@ -156,7 +156,8 @@ def test_state_json_holds_every_setting_and_reads_back(run_dir):
 
 
 def test_steps_not_given_follow_the_type_holding_most_codes():
-    assert (Settings().for_codes({"Q4_1": 8}).sigma, Settings().for_codes({"Q4_1": 8}).alpha) == (0.005, 0.02)
+    four_bit = Settings().for_codes({"Q4_1": 8})
+    assert (four_bit.sigma, four_bit.alpha) == (0.005, 0.02)
     mixed = Settings().for_codes({"Q4_K": 5, "Q8_0": 9, "Q6_K": 2})
     assert (mixed.sigma, mixed.alpha) == (0.3, 1.2)
     assert Settings().for_codes({"Q4_K": 9, "Q8_0": 5}).sigma == 0.005
@@ -164,4 +165,3 @@ def test_steps_not_given_follow_the_type_holding_most_codes():
     given = Settings(sigma=0.01).for_codes({"Q8_0": 1})
     assert (given.sigma, given.alpha) == (0.01, 1.2)
     assert Settings(alpha=0.5).for_codes({"Q8_0": 1}).alpha == 0.5
-
